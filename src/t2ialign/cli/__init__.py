@@ -1,0 +1,1 @@
+"""The ``t2ialign`` command line: one sub-command per pipeline stage."""
