@@ -89,6 +89,8 @@ def cmd_render(args) -> int:
 
     if args.per_prompt < 1:
         raise ValueError("--per-prompt must be at least 1")
+    if args.size < 16:  # before any output: render() would fail only after the folder is made
+        raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
     rows = read_prompts(args.prompts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ It looks only at pixels, never at the renderer's bookkeeping, so it scores image
    the top, a square fills its box, a circle does neither);
 4. the decision, with a reason per attribute (count, shape, colour, background, position).
 
-Images are ``uint8`` arrays (H, W, 3), float arrays in [0, 1], or torch tensors (3, H, W) in [0, 1].
+Images are ``uint8`` arrays (H, W, 3), float arrays in [0, 1], or torch tensors (3, H, W), float in
+[0, 1] or ``uint8``; other integer types are an error (they would otherwise be clipped silently).
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class CheckResult:
 
 
 def to_float_image(image) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] from uint8 HWC, float HWC in [0, 1], or a torch CHW tensor."""
-    if hasattr(image, "detach"):  # torch tensor (3, H, W)
-        image = image.detach().cpu().float().numpy()
+    """(H, W, 3) float32 in [0, 1] from uint8 HWC, float HWC in [0, 1], or a torch CHW tensor
+    (float in [0, 1] or uint8)."""
+    if hasattr(image, "detach"):  # torch tensor (3, H, W); uint8 tensors hold 0-255
+        image = image.detach().cpu()
+        image = image.float().numpy() if image.is_floating_point() else image.numpy()
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"a torch image must have shape (3, H, W), got {tuple(image.shape)}")
         image = image.transpose(1, 2, 0)
@@ -71,6 +74,8 @@ def to_float_image(image) -> np.ndarray:
         raise ValueError(f"an image must be RGB of shape (H, W, 3), got shape {image.shape}")
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0
+    if not np.issubdtype(image.dtype, np.floating):  # int64 0-255 would silently clip to white
+        raise ValueError(f"an image must be uint8 (0-255) or float in [0, 1], got dtype {image.dtype}")
     return np.clip(image.astype(np.float32), 0.0, 1.0)
 
 

@@ -105,10 +105,11 @@ def parse(prompt: str) -> Spec:
         else:
             if words[i : i + 2] == ["to", "the"]:
                 i += 2
-            if words[i] in ("left", "right") and words[i + 1 : i + 2] == ["of"]:
-                relation = f"{words[i]} of"
+            nxt = words[i] if i < len(words) else None  # "... to the" may end the prompt
+            if nxt in ("left", "right") and words[i + 1 : i + 2] == ["of"]:
+                relation = f"{nxt} of"
                 i += 2
-            elif words[i] in ("above", "below"):
+            elif nxt in ("above", "below"):
                 relation = words[i]
                 i += 1
             else:

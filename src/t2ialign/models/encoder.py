@@ -1,0 +1,294 @@
+"""A small CLIP-like image-text dual encoder of the shapes world, trained contrastively.
+
+It plays CLIP ViT-L/14's roles in the seed paper: the frozen backbone of the reward model, and the
+feature space of FID. ``encode_image`` takes images in [0, 1] (B, 3, H, W) and is differentiable with
+respect to the pixels; ``image_features`` are the pre-projection features used for FID.
+
+Training (``pretrain_encoder``): symmetric InfoNCE over a batch of renders and their prompts, with
+one extra hard negative per image (a prompt differing in exactly one attribute), so that the
+embedding separates counts, colours, shapes, backgrounds and positions rather than just scenes.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2ialign.models.generator import CheckpointError, read_card
+from t2ialign.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+
+
+@dataclass
+class EncoderConfig:
+    image_size: int = 32
+    channels: tuple[int, ...] = (32, 64, 128)  # conv stages, each halving the resolution
+    feature_dim: int = 256  # image features (FID space)
+    embed_dim: int = 128  # joint embedding
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderConfig:
+        d = dict(d)
+        d["channels"] = tuple(d["channels"])
+        d["text"] = TextEncoderConfig(**d["text"])
+        return cls(**d)
+
+
+def encoder_preset(name: str) -> EncoderConfig:
+    vocab = Tokenizer().vocab_size
+    if name == "tiny":
+        return EncoderConfig(
+            channels=(8, 16),
+            feature_dim=32,
+            embed_dim=16,
+            text=TextEncoderConfig(vocab_size=vocab, dim=16, layers=1, heads=2),
+        )
+    if name == "small":
+        return EncoderConfig(text=TextEncoderConfig(vocab_size=vocab, dim=64, layers=2, heads=4))
+    raise ValueError(f"unknown preset {name!r}; known presets: tiny, small")
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        layers: list[nn.Module] = []
+        c = 3
+        for co in cfg.channels:
+            layers += [
+                nn.Conv2d(c, co, 3, padding=1),
+                nn.GroupNorm(min(8, co), co),
+                nn.SiLU(),
+                nn.Conv2d(co, co, 3, stride=2, padding=1),
+                nn.SiLU(),
+            ]
+            c = co
+        self.cnn = nn.Sequential(*layers)
+        side = cfg.image_size // 2 ** len(cfg.channels)
+        self.img_fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * side * side, cfg.feature_dim),
+            nn.SiLU(),
+            nn.Linear(cfg.feature_dim, cfg.feature_dim),
+        )
+        self.img_proj = nn.Linear(cfg.feature_dim, cfg.embed_dim)
+        self.tokenizer = Tokenizer(max_len=cfg.text.max_len)
+        self.text = TextEncoder(cfg.text)
+        self.txt_proj = nn.Linear(cfg.text.dim, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> features (B, feature_dim)."""
+        if images.shape[-1] != self.config.image_size or images.shape[-2] != self.config.image_size:
+            raise ValueError(
+                f"the encoder takes {self.config.image_size}px images, got {tuple(images.shape)}"
+            )
+        return self.img_fc(self.cnn(images * 2 - 1))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings (B, embed_dim), differentiable w.r.t. the pixels."""
+        return F.normalize(self.img_proj(self.image_features(images)), dim=-1)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings (B, embed_dim)."""
+        ids, mask = self.tokenizer(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        h = self.text(ids, mask)
+        m = mask.unsqueeze(-1).float()
+        return F.normalize(self.txt_proj((h * m).sum(1) / m.sum(1)), dim=-1)
+
+    def similarity(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Cosine similarity of each image with its prompt: (B,)."""
+        return (self.encode_image(images) * self.encode_text(prompts)).sum(-1)
+
+
+@dataclass
+class EncoderTrainConfig:
+    preset: str = "small"
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    data_seed: int = 1
+    init_seed: int = 0
+    checkpoint_every: int = 250
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("steps must be positive and batch_size at least 2")
+
+
+def contrastive_loss(
+    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, n_pos: int
+) -> torch.Tensor:
+    """Symmetric InfoNCE. ``img`` (B, D) matches ``txt[:B]``; ``txt[B:]`` are extra negatives that
+    only the image-to-text direction sees."""
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B + extra)
+    target = torch.arange(n_pos, device=img.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n_pos].T, target))
+
+
+def _hard_negatives(specs, rng) -> list[str]:
+    from t2ialign.world.grammar import to_prompt
+    from t2ialign.world.suites import perturbations
+
+    out = []
+    for s in specs:
+        ps = perturbations(s)
+        out.append(to_prompt(ps[int(rng.integers(len(ps)))][1]))
+    return out
+
+
+def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = True) -> DualEncoder:
+    """Train (or resume) the dual encoder in ``out``; saves ``model.safetensors`` + ``card.json``."""
+    from tqdm import tqdm
+
+    from t2ialign.models.pretrain import _save_atomic, machine_description, world_batch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    torch.manual_seed(cfg.init_seed)
+    model = DualEncoder(encoder_preset(cfg.preset))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    start, wall, losses = 0, 0.0, []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        start, wall, losses = ck["step"], ck["wall"], ck["losses"]
+        print(f"resuming from step {start} ({ckpt_path})", file=sys.stderr)
+    model.to(cfg.device)
+    for st in opt.state.values():
+        for key, val in st.items():
+            if torch.is_tensor(val) and key != "step":
+                st[key] = val.to(cfg.device)
+    t0 = time.time() - wall
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain-encoder", unit="step", disable=not progress)
+    for k in range(start, cfg.steps):
+        x, prompts, specs = world_batch(cfg.data_seed, k, cfg.batch_size, model.config.image_size)
+        rng = np.random.default_rng([cfg.data_seed, k, 7])
+        for pg in opt.param_groups:
+            pg["lr"] = cfg.lr * min(1.0, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
+        img = model.encode_image(x.to(cfg.device))
+        txt = model.encode_text(prompts + _hard_negatives(specs, rng))
+        loss = contrastive_loss(img, txt, model.logit_scale, len(prompts))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        wall = time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
+            _save_atomic(
+                {
+                    "step": k + 1,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "wall": wall,
+                    "losses": losses,
+                },
+                ckpt_path,
+            )
+            save_encoder(
+                model,
+                out,
+                card={
+                    "training_command": "t2ialign " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                    "train_config": asdict(cfg),
+                    "steps": k + 1,
+                    "wall_time_s": round(wall, 1),
+                    "machine": machine_description(cfg.device),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                },
+            )
+    bar.close()
+    return model.eval()
+
+
+def save_encoder(model: DualEncoder, folder: str | Path, card: dict | None = None) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))  # (works from any device)
+    old = {}
+    if (folder / "card.json").exists():
+        try:
+            old = json.loads((folder / "card.json").read_text())
+        except json.JSONDecodeError:
+            old = {}
+    info = {**old, "kind": "t2ialign-encoder", "config": model.config.to_dict(), **(card or {})}
+    (folder / "card.json").write_text(json.dumps(info, indent=1))
+    return folder
+
+
+def default_encoder_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "encoder"
+
+
+def load_encoder(path: str | Path | None = None, device: str | torch.device = "cpu") -> DualEncoder:
+    """Load an encoder folder (the shipped default when ``path`` is None), frozen and in eval mode."""
+    from t2ialign.models.generator import load_state
+
+    folder = Path(path) if path is not None else default_encoder_path()
+    card = read_card(folder, "t2ialign-encoder")
+    try:
+        cfg = EncoderConfig.from_dict(card["config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/card.json: bad config ({e})") from None
+    model = DualEncoder(cfg)
+    load_state(model, folder)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def zero_shot_retrieval(model: DualEncoder, n: int = 1000, seed: int = 12345) -> dict:
+    """Zero-shot prompt retrieval on ``n`` held-out renders (a data seed never used in training).
+
+    For each render, the candidates are its true prompt and every prompt that differs in one
+    attribute. ``per_attribute[a]``: how often the true prompt beats all candidates that differ in
+    attribute ``a``; ``overall``: how often it beats all candidates.
+    """
+    from t2ialign.models.pretrain import world_batch
+    from t2ialign.world.grammar import to_prompt
+    from t2ialign.world.suites import perturbations
+
+    x, prompts, specs = world_batch(seed, 0, n, model.config.image_size)
+    img = model.encode_image(x.to(model.device))
+    wins: dict[str, list[bool]] = {}
+    overall = []
+    for i, spec in enumerate(specs):
+        pert = perturbations(spec)
+        txt = model.encode_text([prompts[i]] + [to_prompt(p) for _, p in pert])
+        sims = txt @ img[i]
+        true_sim = sims[0]
+        overall.append(bool((sims[1:] < true_sim).all()))
+        for attr in {a for a, _ in pert}:
+            idx = [j + 1 for j, (a, _) in enumerate(pert) if a == attr]
+            wins.setdefault(attr, []).append(bool((sims[idx] < true_sim).all()))
+    return {
+        "n": n,
+        "overall": float(np.mean(overall)),
+        "per_attribute": {a: {"accuracy": float(np.mean(w)), "n": len(w)} for a, w in sorted(wins.items())},
+    }
