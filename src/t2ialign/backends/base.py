@@ -1,0 +1,85 @@
+"""The backend interface: everything an algorithm sees of a text-to-image model.
+
+Algorithms (``t2ialign.algorithms``) never touch the shapes world or a diffusers pipeline directly;
+they call these methods, so the same trainer runs on the embedded model and on SD 1.5 / SDXL / SD3 /
+FLUX. Two kinds of model fit it, told apart by ``prediction``:
+
+- ``"flow"``: rectified flow (the embedded model, SD3, FLUX). The network output is the velocity
+  ``v = eps - x0``; ``x_s = (1 - s) x0 + s eps``; the stochastic step is Flow-GRPO's SDE.
+- ``"epsilon"``: DDPM-family models (SD 1.5, SDXL). The output is ``eps``; ``x_s`` follows the
+  scheduler's alphas at the discrete timestep nearest ``s``; the stochastic step is DDIM with
+  ``eta = 1`` (DDPO's policy).
+
+In both, ``s`` in [0, 1] is the noise level (1 = pure noise) and ``x`` lives in the model's latent
+space (pixels scaled to [-1, 1] for the embedded model, VAE latents for diffusers).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Backend(Protocol):
+    prediction: str  # "flow" or "epsilon"
+    latent_shape: tuple[int, ...]  # (C, H, W) of x
+    device: torch.device
+    model_id: str
+
+    def encode(self, prompts: list[str]) -> Any:
+        """Prompt conditioning (no gradient; frozen text encoder, cached where possible). The result
+        supports ``len``, ``.index(idx)`` and ``.repeat_interleave(n)``."""
+
+    def predict(self, x_s: torch.Tensor, s: torch.Tensor, cond: Any, guidance: float = 1.0) -> torch.Tensor:
+        """The network output at noise level s (B,), with classifier-free guidance when != 1."""
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The forward process: x_s from x0 and eps."""
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """What ``predict`` should output for (x0, eps, s): ``eps - x0`` or ``eps``."""
+
+    def predict_x0(self, out: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x0_hat from a network output (differentiable)."""
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The sampling grid s_0 = 1 > ... > s_steps = 0 (steps + 1 values)."""
+
+    def ode_step(self, out: torch.Tensor, s, s_next, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic step (Euler for flow, DDIM eta = 0 for epsilon)."""
+
+    def stochastic_step(self, out: torch.Tensor, s, s_next, x: torch.Tensor,
+                        noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
+        """Stochastic policy step -> (x_next, log_prob (B,), mean, std); with ``x_next`` given, its
+        log-probability under the step's Gaussian (no noise drawn)."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (B, 3, H, W), differentiable."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> latents x0."""
+
+    def denoiser(self) -> nn.Module:
+        """The trainable network (LoRA-wrapped after ``enable_lora``)."""
+
+    def enable_lora(self, rank: int, alpha: float) -> None:
+        """Wrap the denoiser with LoRA adapters (peft); only they are trainable afterwards."""
+
+    def reference(self) -> AbstractContextManager:
+        """Within this context, ``predict`` is the frozen reference model (adapters disabled or
+        the initial weights)."""
+
+    def save(self, folder: str, card: dict | None = None) -> None:
+        """Save the fine-tuned model so that the project's loaders (or diffusers) read it."""
+
+
+def denoising_loss(backend: Backend, x0: torch.Tensor, cond: Any, eps: torch.Tensor,
+                   s: torch.Tensor) -> torch.Tensor:
+    """The "likelihood" surrogate every method uses, per sample (B,):
+    L(x0, c) = mean_dims || out_theta(x_s, s, c) - target(x0, eps) ||^2 (the flow-matching loss
+    ``|| v_theta - (eps - x0) ||^2`` for flow models, the epsilon loss for DDPM models)."""
+    out = backend.predict(backend.add_noise(x0, eps, s), s, cond)
+    return (out - backend.target(x0, eps, s)).pow(2).flatten(1).mean(1)
