@@ -70,8 +70,9 @@ def _data(n=8):
 def test_rwr_smoke(tmp_path, lora_rank):
     backend = _tiny_backend()
     before = {k: v.clone() for k, v in backend.gen.unet.state_dict().items()}
-    cfg = RWRConfig(steps=2, batch_size=4, pretrain_batch_size=4, lora_rank=lora_rank, lr=1e-3,
-                    checkpoint_every=1)
+    cfg = RWRConfig(
+        steps=2, batch_size=4, pretrain_batch_size=4, lora_rank=lora_rank, lr=1e-3, checkpoint_every=1
+    )
     rows = train_rwr(backend, cfg, _data(), tmp_path, pretrain_source=world_pretrain_source(), progress=False)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     tuned = load_generator(tmp_path)  # loads as a plain generator, LoRA merged
@@ -116,7 +117,8 @@ SCRIPT = textwrap.dedent(
     x, p, _ = world_batch(3, 0, 8)
     data = WeightedSamples(x, p, torch.tensor([1.0, 0.0] * 4))
     cfg = RWRConfig(steps=int(sys.argv[2]), batch_size=4, pretrain_batch_size=4, lr=1e-3, checkpoint_every=1)
-    train_rwr(ShapesBackend(g), cfg, data, sys.argv[1], pretrain_source=world_pretrain_source(), progress=False)
+    src = world_pretrain_source()
+    train_rwr(ShapesBackend(g), cfg, data, sys.argv[1], pretrain_source=src, progress=False)
     """
 )
 

@@ -19,7 +19,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def labelled_from_store(store, simulated: bool | None = None) -> tuple[np.ndarray, list[str], np.ndarray, list]:
+def labelled_from_store(
+    store, simulated: bool | None = None
+) -> tuple[np.ndarray, list[str], np.ndarray, list]:
     """One row per labelled image: the image, its prompt, the mean label over its annotators (good = 1)
     and its generation id. Skips are ignored; every active label counts."""
     votes: dict[int, list[int]] = defaultdict(list)
@@ -29,8 +31,10 @@ def labelled_from_store(store, simulated: bool | None = None) -> tuple[np.ndarra
         first.setdefault(r.generation_id, (r.image, r.prompt, r.spec))
     gids = sorted(votes)
     if not gids:
-        raise ValueError("the project has no good/bad labels yet: label some images first "
-                         "('t2ialign label serve' or 'label simulate')")
+        raise ValueError(
+            "the project has no good/bad labels yet: label some images first "
+            "('t2ialign label serve' or 'label simulate')"
+        )
     images = np.stack([first[g][0] for g in gids])
     prompts = [first[g][1] for g in gids]
     labels = np.array([np.mean(votes[g]) for g in gids], dtype=np.float32)
@@ -39,7 +43,9 @@ def labelled_from_store(store, simulated: bool | None = None) -> tuple[np.ndarra
 
 
 @torch.no_grad()
-def score(reward_fn, images: torch.Tensor, prompts: list[str], metadata=None, batch: int = 256) -> torch.Tensor:
+def score(
+    reward_fn, images: torch.Tensor, prompts: list[str], metadata=None, batch: int = 256
+) -> torch.Tensor:
     out = []
     for i in range(0, images.shape[0], batch):
         md = metadata[i : i + batch] if metadata is not None else None
@@ -48,8 +54,9 @@ def score(reward_fn, images: torch.Tensor, prompts: list[str], metadata=None, ba
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def weights_from(mode: str, labels: torch.Tensor | None, rewards: torch.Tensor | None,
-                 threshold: float = 0.5) -> torch.Tensor:
+def weights_from(
+    mode: str, labels: torch.Tensor | None, rewards: torch.Tensor | None, threshold: float = 0.5
+) -> torch.Tensor:
     """The reward weight of each sample: ``label`` (the human label), ``reward`` (the reward model's
     score, clipped to [0, 1]) or ``filter`` (1 where the score, or the label, exceeds ``threshold``)."""
     if mode == "label":
@@ -65,8 +72,9 @@ def weights_from(mode: str, labels: torch.Tensor | None, rewards: torch.Tensor |
     raise ValueError(f"unknown weight mode {mode!r}; use label, reward or filter")
 
 
-def rwr_data_from_store(store, reward_fn=None, weight: str = "label", threshold: float = 0.5,
-                        simulated: bool | None = None) -> WeightedSamples:
+def rwr_data_from_store(
+    store, reward_fn=None, weight: str = "label", threshold: float = 0.5, simulated: bool | None = None
+) -> WeightedSamples:
     """The labelled model samples of a feedback project, weighted by label or by the reward model."""
     images, prompts, labels, md = labelled_from_store(store, simulated)
     x = to_tensor(images)
@@ -76,16 +84,31 @@ def rwr_data_from_store(store, reward_fn=None, weight: str = "label", threshold:
     return WeightedSamples(x, prompts, weights_from(weight, torch.from_numpy(labels), rewards, threshold))
 
 
-def pseudo_labelled(generator, prompt_rows: list[dict], per_prompt: int, reward_fn, weight: str = "filter",
-                    threshold: float = 0.5, seed: int = 10_000, steps: int = 20, guidance: float = 3.0,
-                    progress: bool = True) -> WeightedSamples:
+def pseudo_labelled(
+    generator,
+    prompt_rows: list[dict],
+    per_prompt: int,
+    reward_fn,
+    weight: str = "filter",
+    threshold: float = 0.5,
+    seed: int = 10_000,
+    steps: int = 20,
+    guidance: float = 3.0,
+    progress: bool = True,
+) -> WeightedSamples:
     """Unlabelled samples of the base model, scored by the reward model (the paper's pseudo-labels)."""
     from t2ialign.sampling import generate_images
 
     rows = [r for r in prompt_rows for _ in range(per_prompt)]
     prompts = [r["prompt"] for r in rows]
-    imgs = generate_images(generator, prompts, [seed + i for i in range(len(rows))], steps=steps,
-                           guidance=guidance, progress=progress)
+    imgs = generate_images(
+        generator,
+        prompts,
+        [seed + i for i in range(len(rows))],
+        steps=steps,
+        guidance=guidance,
+        progress=progress,
+    )
     x = to_tensor(imgs)
     rewards = score(reward_fn, x, prompts, rows)
     mode = "reward" if weight == "label" else weight

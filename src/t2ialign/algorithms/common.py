@@ -150,8 +150,15 @@ class Trajectory:
 
 
 @torch.no_grad()
-def rollout(backend, cond, x1: torch.Tensor, steps: int, guidance: float,
-            stochastic: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Trajectory:
+def rollout(
+    backend,
+    cond,
+    x1: torch.Tensor,
+    steps: int,
+    guidance: float,
+    stochastic: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
     """Sample from s = 1 to 0, stochastic (the policy step with its log-probability) where
     ``stochastic[k]`` is True and deterministic elsewhere (all stochastic by default)."""
     grid = backend.timesteps(steps)

@@ -1,6 +1,7 @@
 """Reward-weighted likelihood fine-tuning: the seed paper's method (Lee et al. 2023, METHODS.md s. 1).
 
-    L(theta) = E_{(x,z) ~ D_model} [ -r(x, z) log p_theta(x | z) ] + beta * E_{(x,z) ~ D_pre} [ -log p_theta(x | z) ]
+    L(theta) = E_{(x,z) ~ D_model} [ -r(x, z) log p_theta(x | z) ]
+             + beta * E_{(x,z) ~ D_pre} [ -log p_theta(x | z) ]
 
 with ``-log p_theta`` replaced by the denoising (flow-matching) loss. ``D_model`` holds the labelled
 model samples (weight = the human label, or the reward model's score) and, optionally, unlabelled
@@ -28,8 +29,9 @@ from t2ialign.algorithms.common import (
 from t2ialign.backends.base import denoising_loss
 
 
-def rwr_loss(model_losses: torch.Tensor, weights: torch.Tensor, pre_losses: torch.Tensor | None,
-             beta: float) -> torch.Tensor:
+def rwr_loss(
+    model_losses: torch.Tensor, weights: torch.Tensor, pre_losses: torch.Tensor | None, beta: float
+) -> torch.Tensor:
     """sum_i w_i L_fm(x_i, z_i) / sum_i w_i  +  beta * mean_j L_fm(x_pre_j, z_j).
 
     The weighted term is normalised by the total weight, so binary weights give the plain loss on
@@ -103,9 +105,16 @@ PretrainSource = Callable[[int, int], tuple[torch.Tensor, list[str]]]
 """pretrain_source(step, batch_size) -> (images in [0, 1] (B, 3, H, W), prompts)."""
 
 
-def train_rwr(backend, cfg: RWRConfig, labelled: WeightedSamples, out: str | Path,
-              pseudo: WeightedSamples | None = None, pretrain_source: PretrainSource | None = None,
-              progress: bool = True, logger: RunLogger | None = None) -> list[dict]:
+def train_rwr(
+    backend,
+    cfg: RWRConfig,
+    labelled: WeightedSamples,
+    out: str | Path,
+    pseudo: WeightedSamples | None = None,
+    pretrain_source: PretrainSource | None = None,
+    progress: bool = True,
+    logger: RunLogger | None = None,
+) -> list[dict]:
     """Fine-tune ``backend`` in place by reward-weighted likelihood; resumes from ``out``.
 
     Returns the log rows (step, loss, model_loss, pre_loss). The final model is saved to ``out``.
@@ -128,8 +137,9 @@ def train_rwr(backend, cfg: RWRConfig, labelled: WeightedSamples, out: str | Pat
         n_pseudo = cfg.batch_size
     dev = backend.device
     rows = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rwr", unit="step",
-               disable=not progress)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="rwr", unit="step", disable=not progress
+    )
     for k in bar:
         g = seeded(cfg.seed, k)
         rng = np.random.default_rng([cfg.seed, k])
@@ -158,9 +168,12 @@ def train_rwr(backend, cfg: RWRConfig, labelled: WeightedSamples, out: str | Pat
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         ml = model_losses.detach()
-        row = {"loss": loss.item(), "model_loss": float((w * ml).sum() / w.sum().clamp(min=1e-8)),
-               "pre_loss": float(pre_losses.detach().mean()) if pre_losses is not None else 0.0,
-               "mean_weight": float(w.mean())}
+        row = {
+            "loss": loss.item(),
+            "model_loss": float((w * ml).sum() / w.sum().clamp(min=1e-8)),
+            "pre_loss": float(pre_losses.detach().mean()) if pre_losses is not None else 0.0,
+            "mean_weight": float(w.mean()),
+        }
         logger.log(k + 1, row)
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}")

@@ -51,8 +51,15 @@ class Backend(Protocol):
     def ode_step(self, out: torch.Tensor, s, s_next, x: torch.Tensor) -> torch.Tensor:
         """Deterministic step (Euler for flow, DDIM eta = 0 for epsilon)."""
 
-    def stochastic_step(self, out: torch.Tensor, s, s_next, x: torch.Tensor,
-                        noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
+    def stochastic_step(
+        self,
+        out: torch.Tensor,
+        s,
+        s_next,
+        x: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        x_next: torch.Tensor | None = None,
+    ):
         """Stochastic policy step -> (x_next, log_prob (B,), mean, std); with ``x_next`` given, its
         log-probability under the step's Gaussian (no noise drawn)."""
 
@@ -76,8 +83,9 @@ class Backend(Protocol):
         """Save the fine-tuned model so that the project's loaders (or diffusers) read it."""
 
 
-def denoising_loss(backend: Backend, x0: torch.Tensor, cond: Any, eps: torch.Tensor,
-                   s: torch.Tensor) -> torch.Tensor:
+def denoising_loss(
+    backend: Backend, x0: torch.Tensor, cond: Any, eps: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
     """The "likelihood" surrogate every method uses, per sample (B,):
     L(x0, c) = mean_dims || out_theta(x_s, s, c) - target(x0, eps) ||^2 (the flow-matching loss
     ``|| v_theta - (eps - x0) ||^2`` for flow models, the epsilon loss for DDPM models)."""

@@ -36,6 +36,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=1, help="seeds the data stream")
+    p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
     p.add_argument(
         "--eval-images",
@@ -91,6 +92,7 @@ def cmd_pretrain_encoder(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         data_seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
         device=args.device,
     )
     model = pretrain_encoder(cfg, args.out)

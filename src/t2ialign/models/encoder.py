@@ -130,8 +130,8 @@ class EncoderTrainConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("steps must be positive and batch_size at least 2")
+        if self.steps < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
+            raise ValueError("steps and checkpoint_every must be positive and batch_size at least 2")
 
 
 def contrastive_loss(
@@ -170,6 +170,10 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     start, wall, losses = 0, 0.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        if "config" in ck and ck["config"] != asdict(cfg):
+            diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
+            if set(diff) - {"steps", "checkpoint_every", "device"}:
+                raise ValueError(f"{ckpt_path} was made with other settings {diff}; use another --out")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start, wall, losses = ck["step"], ck["wall"], ck["losses"]
@@ -197,16 +201,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            _save_atomic(
-                {
-                    "step": k + 1,
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "wall": wall,
-                    "losses": losses,
-                },
-                ckpt_path,
-            )
+            # weights and card first, the resume checkpoint last (see ``pretrain``)
             save_encoder(
                 model,
                 out,
@@ -219,6 +214,17 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
                     "parameters": sum(p.numel() for p in model.parameters()),
                 },
             )
+            _save_atomic(
+                {
+                    "step": k + 1,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "config": asdict(cfg),
+                    "wall": wall,
+                    "losses": losses,
+                },
+                ckpt_path,
+            )
     bar.close()
     return model.eval()
 
@@ -228,10 +234,12 @@ def save_encoder(model: DualEncoder, folder: str | Path, card: dict | None = Non
 
     from safetensors.torch import save_file
 
+    from t2ialign.models.generator import write_atomic
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))  # (works from any device)
+    write_atomic(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))  # from any device
     old = {}
     if (folder / "card.json").exists():
         try:
@@ -239,7 +247,7 @@ def save_encoder(model: DualEncoder, folder: str | Path, card: dict | None = Non
         except json.JSONDecodeError:
             old = {}
     info = {**old, "kind": "t2ialign-encoder", "config": model.config.to_dict(), **(card or {})}
-    (folder / "card.json").write_text(json.dumps(info, indent=1))
+    write_atomic(folder / "card.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
     return folder
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,14 +167,22 @@ def save_generator(model: Generator, folder: str | Path, card: dict | None = Non
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
+    write_atomic(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
     info = {"kind": "t2ialign-generator", "config": model.config.to_dict(), **(card or {})}
     info["model_id"] = info.get("name", "shapes") + "-" + digest
     info["sha256_12"] = digest
-    (folder / CARD).write_text(json.dumps(info, indent=1))
+    write_atomic(folder / CARD, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
     model.model_id = info["model_id"]
     return folder
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary path next to ``path``, then rename it over ``path``, so a
+    process killed mid-write (SIGKILL included) leaves either the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def read_card(folder: str | Path, kind: str) -> dict:
@@ -187,6 +196,8 @@ def read_card(folder: str | Path, kind: str) -> dict:
         card = json.loads((folder / CARD).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{folder / CARD}: not valid JSON ({e.msg})") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{folder / CARD}: expected a JSON object, got {type(card).__name__}")
     if card.get("kind") != kind:
         raise CheckpointError(f"{folder}: holds a {card.get('kind')!r}, expected a {kind!r}")
     return card
@@ -200,10 +211,30 @@ def load_state(module: nn.Module, folder: str | Path) -> None:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises several error types for a corrupt file
         raise CheckpointError(f"{path}: corrupt or unreadable weights ({e})") from None
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [
+        f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(names)} {what} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+        for what, names in [
+            ("tensors missing", missing),
+            ("unexpected tensors", unexpected),
+            ("tensors of another shape", reshaped),
+        ]
+        if names
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit the model in {CARD}: {'; '.join(problems)}")
     try:
         module.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model in {CARD}: {str(e)[:300]}") from None
+    except RuntimeError as e:  # (anything the checks above miss)
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: weights do not fit the model in {CARD}: {msg[:300]}") from None
 
 
 def default_generator_path() -> Path:

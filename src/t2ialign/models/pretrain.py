@@ -40,8 +40,8 @@ class PretrainConfig:
     device: str = "cpu"  # where the model trains; data and noise are drawn on the CPU either way
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, batch_size and checkpoint_every must be positive")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0 < self.ema < 1:
@@ -109,18 +109,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
         print(f"resuming from step {start} ({ckpt_path})", file=sys.stderr)
 
     def save(step: int) -> None:
-        _save_atomic(
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "config": asdict(cfg),
-                "wall": wall,
-                "losses": losses,
-            },
-            ckpt_path,
-        )
+        # The weights and card first, the resume checkpoint last: a run killed in between resumes
+        # from the previous checkpoint and writes this step's weights again, so a run whose
+        # checkpoint says it is finished always has its final weights on disk.
         save_generator(
             copy.deepcopy(ema).cpu(),
             out,
@@ -134,6 +125,18 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
             },
+        )
+        _save_atomic(
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "config": asdict(cfg),
+                "wall": wall,
+                "losses": losses,
+            },
+            ckpt_path,
         )
 
     model.to(cfg.device)

@@ -1,0 +1,263 @@
+"""How well does the learned reward agree with the labels and with the ShapesEval checker?
+
+The seed paper's setting in the shapes world:
+
+1. prompts: the seen suite, split by prompt into a training project (75%) and held-out prompts
+   (25%); the unseen suite (prompts about held-out colour/shape and count/colour combinations);
+2. images: the shipped generator, ``--per-prompt`` images per prompt (seeds 0..N-1), 20 Euler steps,
+   guidance 3;
+3. labels: the simulated oracle rater (``feedback.simulate``) with ``--noise`` (10%): one label per
+   image, on every project (the labels of the test project are only used for evaluation);
+4. reward models (``t2ialign.reward``), trained on the training project (validation: 20% of its
+   prompts, early stopping, threshold chosen on validation), ``--seeds`` initialisations each:
+   - ``reward``: MSE + 0.5 * prompt classification (T = 2), as published;
+   - ``reward-no-aux``: MSE only (the ablation);
+   - ``similarity``: the frozen encoder's zero-shot cosine similarity (the baseline; threshold and a
+     Platt calibration fitted on the same validation labels);
+   - ``checker``: the checker itself against the labels, the ceiling that label noise allows.
+5. metrics per split (``t2ialign.reward.eval``): accuracy, ROC AUC and calibration error (ECE),
+   against the labels and against the checker, on ``val`` (validation prompts of the training
+   project), ``heldout`` (held-out prompts of the seen suite) and ``unseen`` (the unseen suite).
+
+Images and labels are cached in ``--work`` (feedback projects), so a rerun only trains and scores.
+
+::
+
+    python benchmarks/reward_eval.py --work /tmp/reward_bench --per-prompt 6 --json reward_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2ialign.feedback import FeedbackStore
+from t2ialign.feedback.simulate import SimulatedRater, simulate
+from t2ialign.models import load_generator
+from t2ialign.reward.eval import evaluate_scores, score_project
+from t2ialign.reward.model import EncoderBackbone
+from t2ialign.reward.rewards import ModelReward, SimilarityReward, checker_reward
+from t2ialign.reward.train import RewardTrainConfig, split_prompts, train_reward_model
+from t2ialign.sampling import generate_images
+from t2ialign.world import suite
+
+TARGET_UNSEEN_CHECKER_ACCURACY = 0.90
+HELDOUT_FRACTION = 0.25
+STEPS, GUIDANCE = 20, 3.0
+
+
+def build_projects(
+    work: Path, per_prompt: int, noise: float, batch: int, device: str = "cpu"
+) -> tuple[FeedbackStore, FeedbackStore]:
+    """The training project (seen-suite training prompts) and the test project (held-out seen
+    prompts and the unseen suite), generated and labelled (cached)."""
+    seen = suite("seen")
+    train_p, held_p = split_prompts([r["prompt"] for r in seen], HELDOUT_FRACTION, seed=2023)
+    train_set = set(train_p)
+    rows = {
+        "train": [r for r in seen if r["prompt"] in train_set],
+        "test": [r for r in seen if r["prompt"] not in train_set] + suite("unseen"),
+    }
+    model = load_generator(device=device)
+    settings = {"steps": STEPS, "guidance": GUIDANCE}
+    stores = {}
+    for name, prompts in rows.items():
+        path = work / name
+        store = (
+            FeedbackStore.open(path) if (path / "feedback.sqlite").exists() else FeedbackStore.create(path, 1)
+        )
+        todo = [
+            (r, s)
+            for r in prompts
+            for s in range(per_prompt)
+            if store.find_generation(model.model_id, r["prompt"], s, settings) is None
+        ]
+        t0 = time.time()
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            imgs = generate_images(
+                model, [r["prompt"] for r, _ in chunk], [s for _, s in chunk], steps=STEPS, guidance=GUIDANCE
+            )
+            store.add_generations(
+                [
+                    dict(
+                        image=im,
+                        prompt=r["prompt"],
+                        spec=r["spec"],
+                        model_id=model.model_id,
+                        seed=s,
+                        settings=settings,
+                    )
+                    for im, (r, s) in zip(imgs, chunk, strict=True)
+                ]
+            )
+            done = i + len(chunk)
+            rate = done / max(time.time() - t0, 1e-9)
+            print(f"  {name}: generated {done}/{len(todo)} images ({rate:.2f} images/s)", flush=True)
+        res = simulate(store, SimulatedRater("oracle", noise=noise, seed=0), pairs=False)
+        print(f"  {name}: {store.counts()['generations']} images, {res['labels']} new labels", flush=True)
+        stores[name] = store
+    return stores["train"], stores["test"]
+
+
+def per_task(parts, split_lists, threshold, stores) -> dict:
+    """Accuracy against the checker per task, on the unseen and held-out splits."""
+    from t2ialign.reward.eval import split_names
+
+    out: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for ps, store in zip(parts, stores, strict=True):
+        names = split_names(ps, *split_lists)
+        for i, gid in enumerate(ps.gids):
+            if ps.checker[i] is None or names[i] not in ("heldout", "unseen"):
+                continue
+            task = store.generation(gid)["task"]
+            cell = out[names[i]][task]
+            cell[0] += int((ps.scores[i] >= threshold) == ps.checker[i])
+            cell[1] += 1
+    return {s: {t: {"accuracy": a / n, "n": n} for t, (a, n) in sorted(d.items())} for s, d in out.items()}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each (split, against, metric)."""
+    out: dict = {}
+    for split in runs[0]["splits"]:
+        for against in ("labels", "checker"):
+            for metric in ("accuracy", "auc", "ece"):
+                vals = [r["splits"][split][against].get(metric) for r in runs if split in r["splits"]]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    out.setdefault(split, {}).setdefault(against, {})[metric] = {
+                        "mean": float(np.mean(vals)),
+                        "std": float(np.std(vals)),
+                        "n_seeds": len(vals),
+                    }
+            out[split][against]["n"] = runs[0]["splits"][split][against]["n"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/reward_bench", help="cache folder for the projects and models")
+    ap.add_argument("--per-prompt", type=int, default=6, help="generated images per prompt")
+    ap.add_argument("--noise", type=float, default=0.1, help="label noise of the simulated rater")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per reward variant")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64, help="generation batch size")
+    ap.add_argument("--gen-device", default="cpu", help="device of the generator (cpu or cuda)")
+    ap.add_argument("--only-data", action="store_true", help="stop after generating and labelling")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    t_start = time.time()
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print("1. images and labels", flush=True)
+    train_store, test_store = build_projects(work, args.per_prompt, args.noise, args.batch, args.gen_device)
+    t_data = time.time() - t_start
+    if args.only_data:
+        print(f"data ready in {t_data:.0f} s")
+        return 0
+
+    backbone = EncoderBackbone()
+    variants = {"reward": True, "reward-no-aux": False}
+    results: dict = {"runs": {}, "summary": {}, "per_task": {}}
+    split_lists = None
+    print("2. reward models", flush=True)
+    for name, aux in variants.items():
+        runs = []
+        for seed in range(args.seeds):
+            cfg = RewardTrainConfig(aux=aux, hidden=args.hidden, seed=seed, pairs=False)
+            out = work / "models" / f"{name}-seed{seed}"
+            model = train_reward_model(
+                train_store, cfg, out=out, progress=False, backbone=backbone, name=name
+            )
+            card = model.card
+            split_lists = (card["split"]["train_prompts"], card["split"]["val_prompts"])
+            fn = ModelReward(model)
+            parts = [score_project(s, fn) for s in (train_store, test_store)]
+            res = evaluate_scores(parts, *split_lists, threshold=card["metrics"]["threshold"])
+            res["epochs"], res["best_epoch"] = card["epochs"], card["best_epoch"]
+            if seed == 0:
+                results["per_task"][name] = per_task(
+                    parts, split_lists, res["threshold"], [train_store, test_store]
+                )
+            runs.append(res)
+            u = res["splits"]["unseen"]["checker"]["accuracy"]
+            h = res["splits"]["heldout"]["checker"]["accuracy"]
+            print(
+                f"  {name} seed {seed}: best epoch {card['best_epoch']}; vs checker: held-out {h:.3f}, "
+                f"unseen {u:.3f}"
+            )
+        results["runs"][name] = runs
+        results["summary"][name] = summarise(runs)
+
+    print("3. baselines", flush=True)
+    sim = SimilarityReward(backbone)
+    parts = [score_project(s, sim) for s in (train_store, test_store)]
+    res = evaluate_scores(parts, *split_lists, calibration="platt")
+    results["runs"]["similarity"] = [res]
+    results["summary"]["similarity"] = summarise([res])
+    results["per_task"]["similarity"] = per_task(
+        parts, split_lists, res["threshold"], [train_store, test_store]
+    )
+    parts = [score_project(s, checker_reward) for s in (train_store, test_store)]
+    res = evaluate_scores(parts, *split_lists, threshold=0.5)
+    results["runs"]["checker"] = [res]
+    results["summary"]["checker"] = summarise([res])
+
+    # table
+    print()
+    cols = [
+        ("val", "labels"),
+        ("heldout", "labels"),
+        ("unseen", "labels"),
+        ("heldout", "checker"),
+        ("unseen", "checker"),
+    ]
+    head = "reward           " + "  ".join(f"{s[:7]}/{a[:5]}".ljust(22) for s, a in cols)
+    for metric in ("accuracy", "auc", "ece"):
+        print(f"{metric}:")
+        print(head)
+        for name, summ in results["summary"].items():
+            cells = []
+            for s, a in cols:
+                m = summ.get(s, {}).get(a, {}).get(metric)
+                cells.append("-".ljust(22) if m is None else f"{m['mean']:.3f} +- {m['std']:.3f}".ljust(22))
+            print(f"{name:<17}" + "  ".join(cells))
+        print()
+    n = {s: results["summary"]["reward"][s]["checker"]["n"] for s in ("val", "heldout", "unseen")}
+    print(f"images: {n}; label noise {args.noise}; per prompt {args.per_prompt}")
+    unseen_acc = results["summary"]["reward"]["unseen"]["checker"]["accuracy"]["mean"]
+    met = unseen_acc >= TARGET_UNSEEN_CHECKER_ACCURACY
+    print(
+        f"target: agreement with the checker on unseen-suite images >= {TARGET_UNSEEN_CHECKER_ACCURACY:.0%}: "
+        f"{unseen_acc:.1%} ({'met' if met else 'missed'})"
+    )
+    results.update(
+        {
+            "settings": vars(args)
+            | {"steps": STEPS, "guidance": GUIDANCE, "heldout_fraction": HELDOUT_FRACTION},
+            "counts": {"train_project": train_store.counts(), "test_project": test_store.counts()},
+            "target_unseen_checker_accuracy": TARGET_UNSEEN_CHECKER_ACCURACY,
+            "target_met": bool(met),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "wall_time_s": {"data": round(t_data, 1), "total": round(time.time() - t_start, 1)},
+        }
+    )
+    print(f"wall time: {results['wall_time_s']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

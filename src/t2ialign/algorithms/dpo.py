@@ -1,0 +1,174 @@
+"""Diffusion-DPO, offline from pairwise preferences (Wallace et al. 2023; METHODS.md section 4).
+
+For a pair (winner w, loser l) of images of the same prompt, both noised with the same ``eps`` and
+``s`` (``x_s = (1 - s) x0 + s eps``, target ``v = eps - x0`` for flow models, ``eps`` for epsilon
+models), with ``err_theta(x) = mean_dims ||v - out_theta(x_s)||^2`` and ``err_ref`` the same for the
+frozen reference model (``with backend.reference():``):
+
+    d = (err_theta(w) - err_ref(w)) - (err_theta(l) - err_ref(l))
+    L = -log sigmoid(-beta / 2 * d)                                  (:func:`dpo_loss`)
+
+``d < 0`` means the model has moved towards the winner more than towards the loser, relative to the
+reference; at ``d = 0`` (the start of training) ``L = log 2``.
+
+The scale of beta. The squared norms here are means over dimensions, as in the public Diffusion-DPO
+training code, which used beta = 5000 with exactly that reduction on SD 1.5 latents (the paper
+writes the factor as ``beta T omega(lambda_t)``). What matters is ``beta * |d| / 2``: the sigmoid
+saturates once it is a few units, and then the per-pair noise of d (one random s and eps per pair)
+dominates the loss. Measured on the shipped 32x32 flow model (96 checker-labelled pairs from 8 seen
+prompts, 40 steps, batch 8, lr 1e-5, full fine-tuning): |d| reached 1e-3 to 5e-3; with beta = 100,
+500, 1000, 2000, 5000 the last-10-step loss was 0.68, 0.68, 0.78, 1.02, 1.95 (above log 2 from
+beta = 1000 on, the noise regime) and the implicit accuracy on 20 held-out pairs 0.61, 0.69, 0.70,
+0.66, 0.65 (80 noisy d values each: those differences are within noise). The default, 500, keeps
+``beta |d| / 2`` of order one. Ties are excluded by the caller (see :class:`PairSamples`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from t2ialign.algorithms.common import (
+    RunLogger,
+    load_trainer_state,
+    save_trainer_state,
+    seeded,
+    setup_trainable,
+    truncate_log,
+)
+
+
+def dpo_loss(
+    err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-pair Diffusion-DPO loss (B,): ``-log sigmoid(-beta / 2 * d)`` with
+    ``d = (err_w - ref_err_w) - (err_l - ref_err_l)`` (the reference errors carry no gradient)."""
+    d = (err_w - ref_err_w.detach()) - (err_l - ref_err_l.detach())
+    return -F.logsigmoid(-0.5 * beta * d)
+
+
+@dataclass
+class PairSamples:
+    """Preference pairs: winner and loser images in [0, 1] (N, 3, H, W), one prompt per pair. Ties
+    carry no preference and must be left out by the caller."""
+
+    winners: torch.Tensor
+    losers: torch.Tensor
+    prompts: list[str]
+
+    def __post_init__(self):
+        n = self.winners.shape[0]
+        if self.winners.dim() != 4 or self.winners.shape != self.losers.shape:
+            raise ValueError(
+                f"winners {tuple(self.winners.shape)} and losers {tuple(self.losers.shape)} must be "
+                "two (N, 3, H, W) tensors of the same shape"
+            )
+        if len(self.prompts) != n:
+            raise ValueError(f"{n} pairs but {len(self.prompts)} prompts")
+        for name, t in (("winners", self.winners), ("losers", self.losers)):
+            if not t.is_floating_point() or (n and (float(t.min()) < 0.0 or float(t.max()) > 1.0)):
+                raise ValueError(f"{name} must be float images in [0, 1]")
+
+    def __len__(self) -> int:
+        return self.winners.shape[0]
+
+
+@dataclass
+class DPOConfig:
+    steps: int = 500
+    """Optimisation steps."""
+    batch_size: int = 16
+    """Pairs per step (drawn with replacement)."""
+    beta: float = 500.0
+    """DPO's inverse temperature for mean-over-dimension squared errors (see the module docstring)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    lora_rank: int = 0
+    """LoRA rank through peft; 0 means full fine-tuning of the denoiser."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    checkpoint_every: int = 50
+    """Save a resumable trainer state every this many steps."""
+    seed: int = 0
+    """Seeds the batches and the noise (resume draws the same)."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, batch_size and checkpoint_every must be positive")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+def train_dpo(
+    backend,
+    pairs: PairSamples,
+    cfg: DPOConfig,
+    out: str | Path,
+    progress: bool = True,
+    logger: RunLogger | None = None,
+) -> list[dict]:
+    """Fine-tune ``backend`` in place with Diffusion-DPO on ``pairs``; resumes from ``out``.
+
+    Returns this run's log rows (loss, implicit_acc = share of pairs with d < 0, d_mean, model_mse,
+    ref_mse); the final model is saved to ``out``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    if len(pairs) == 0:
+        raise ValueError("no preference pairs to train on")
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_trainer_state(out, backend, opt)
+    truncate_log(out, start)
+    logger = logger or RunLogger(out, asdict(cfg))
+    dev = backend.device
+    rows = []
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="dpo", unit="step", disable=not progress
+    )
+    for k in bar:
+        g = seeded(cfg.seed, k)
+        idx = torch.randint(len(pairs), (cfg.batch_size,), generator=g)
+        texts = [pairs.prompts[int(i)] for i in idx]
+        x0 = backend.encode_images(torch.cat([pairs.winners[idx], pairs.losers[idx]]).to(dev))
+        eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g).to(dev)
+        s = torch.rand(cfg.batch_size, generator=g).to(dev)
+        eps, s = torch.cat([eps, eps]), torch.cat([s, s])  # the same noise for winner and loser
+        cond = backend.encode(texts + texts)
+        x_s, target = backend.add_noise(x0, eps, s), backend.target(x0, eps, s)
+        err = (backend.predict(x_s, s, cond) - target).pow(2).flatten(1).mean(1)
+        with torch.no_grad(), backend.reference():
+            ref_err = (backend.predict(x_s, s, cond) - target).pow(2).flatten(1).mean(1)
+        err_w, err_l = err.chunk(2)
+        ref_w, ref_l = ref_err.chunk(2)
+        loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        d = ((err_w - ref_w) - (err_l - ref_l)).detach()
+        row = {
+            "loss": loss.item(),
+            "implicit_acc": float((d < 0).float().mean()),
+            "d_mean": float(d.mean()),
+            "model_mse": float(err.detach().mean()),
+            "ref_mse": float(ref_err.mean()),
+        }
+        logger.log(k + 1, row)
+        rows.append({"step": k + 1, **row})
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
+        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
+            save_trainer_state(out, k + 1, backend, opt)
+    logger.close()
+    backend.save(out, card={"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id})
+    return rows

@@ -1,0 +1,189 @@
+"""RAFT: reward-ranked fine-tuning (Dong et al. 2023; METHODS.md section 3).
+
+In rounds: sample K images per prompt with the current model (Euler ODE), keep the best of each
+prompt by reward (:func:`raft_select`), and fine-tune on the kept samples with the plain denoising
+loss (flow matching for flow models)
+
+    L(theta) = E_{x in kept} L_fm(x, z)  +  pretrain_weight * E_{(x, z) ~ D_pre} L_fm(x, z),
+
+then repeat with the new model. Each round's kept set replaces the last one. RAFT overfits as the
+rounds go on (its samples become its only data); the pre-training term is the usual remedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from t2ialign.algorithms._online import (
+    check_pretrain,
+    check_prompt_rows,
+    pick_rows,
+    pretrain_losses,
+    sample_latents,
+    scalar_info,
+)
+from t2ialign.algorithms.common import (
+    RunLogger,
+    call_reward,
+    load_trainer_state,
+    save_trainer_state,
+    seeded,
+    setup_trainable,
+    truncate_log,
+)
+from t2ialign.algorithms.rwr import PretrainSource
+from t2ialign.backends.base import denoising_loss
+
+
+def raft_select(rewards: torch.Tensor, k: int, min_reward: float | None = None) -> torch.Tensor:
+    """Indices (into ``rewards`` (P * K,), grouped by prompt in runs of ``k``) of each prompt's best
+    sample (the first on ties), dropping prompts whose best reward is below ``min_reward``."""
+    if rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {k}")
+    R = rewards.detach().reshape(-1, k)
+    best = R.argmax(1)
+    idx = torch.arange(R.shape[0]) * k + best.cpu()
+    if min_reward is not None:
+        idx = idx[(R.max(1).values >= min_reward).cpu()]
+    return idx
+
+
+@dataclass
+class RAFTConfig:
+    rounds: int = 10
+    """Sample-filter-train rounds."""
+    prompts_per_round: int = 32
+    """Prompts drawn per round (without replacement while the list lasts)."""
+    samples_per_prompt: int = 8
+    """K: images sampled per prompt, of which the best is kept."""
+    sample_steps: int = 20
+    """Euler ODE steps when sampling."""
+    guidance: float = 3.0
+    """Classifier-free guidance when sampling (training is on the conditional model)."""
+    min_reward: float | None = None
+    """Keep a prompt's best sample only if its reward reaches this (None: always keep)."""
+    steps_per_round: int = 20
+    """Gradient steps on each round's kept samples."""
+    batch_size: int = 16
+    """Kept samples per gradient step (drawn with replacement)."""
+    pretrain_weight: float = 0.0
+    """Weight of the denoising loss on pre-training data (0: off)."""
+    pretrain_batch_size: int = 16
+    """Pre-training samples per gradient step when pretrain_weight > 0."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    lora_rank: int = 0
+    """LoRA rank through peft; 0 means full fine-tuning of the denoiser."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    checkpoint_every: int = 1
+    """Save a resumable trainer state every this many rounds."""
+    seed: int = 0
+    """Seeds prompts, sampling noise and training noise (resume draws the same)."""
+
+    def __post_init__(self):
+        for name in (
+            "rounds",
+            "prompts_per_round",
+            "samples_per_prompt",
+            "sample_steps",
+            "steps_per_round",
+            "batch_size",
+            "checkpoint_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
+            raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+def train_raft(
+    backend,
+    reward_fn,
+    prompts: list[dict],
+    cfg: RAFTConfig,
+    out: str | Path,
+    progress: bool = True,
+    logger: RunLogger | None = None,
+    pretrain_source: PretrainSource | None = None,
+) -> list[dict]:
+    """Fine-tune ``backend`` in place with RAFT; resumes from ``out`` (at a round boundary).
+
+    Returns this run's log rows (one per round); the final model is saved to ``out``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    check_prompt_rows(prompts)
+    use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_trainer_state(out, backend, opt)
+    truncate_log(out, start)
+    logger = logger or RunLogger(out, asdict(cfg))
+    dev = backend.device
+    K = cfg.samples_per_prompt
+    rows = []
+    bar = tqdm(
+        range(start, cfg.rounds),
+        initial=start,
+        total=cfg.rounds,
+        desc="raft",
+        unit="round",
+        disable=not progress,
+    )
+    for rnd in bar:
+        g = seeded(cfg.seed, rnd)
+        meta = [row for row in pick_rows(prompts, cfg.prompts_per_round, g) for _ in range(K)]
+        texts = [row["prompt"] for row in meta]
+        cond = backend.encode(texts)
+        x0 = sample_latents(backend, cond, len(texts), cfg.sample_steps, cfg.guidance, g)
+        with torch.no_grad():
+            images = backend.decode(x0)
+        rewards, info = call_reward(reward_fn, images, texts, meta)
+        keep = raft_select(rewards, K, cfg.min_reward)
+        kept_x0, kept_cond = x0[keep.to(dev)], cond.index(keep.to(dev))
+        losses, pre_sum = [], 0.0
+        if len(keep):
+            for j in range(cfg.steps_per_round):
+                idx = torch.randint(len(keep), (cfg.batch_size,), generator=g).to(dev)
+                eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g).to(dev)
+                s = torch.rand(cfg.batch_size, generator=g).to(dev)
+                loss = denoising_loss(backend, kept_x0[idx], kept_cond.index(idx), eps, s).mean()
+                losses.append(loss.item())
+                if use_pre:
+                    pre = pretrain_losses(
+                        backend, pretrain_source, rnd * cfg.steps_per_round + j, cfg.pretrain_batch_size, g
+                    ).mean()
+                    loss = loss + cfg.pretrain_weight * pre
+                    pre_sum += pre.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+        n_steps = max(1, len(losses))
+        row = {
+            "loss": sum(losses) / n_steps,
+            "pre_loss": pre_sum / n_steps,
+            "reward_mean": float(rewards.mean()),
+            "kept_reward_mean": float(rewards[keep].mean()) if len(keep) else 0.0,
+            "kept": float(len(keep)),
+            **scalar_info(info),
+        }
+        logger.log(rnd + 1, row)
+        rows.append({"step": rnd + 1, **row})
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kept=len(keep))
+        if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
+            save_trainer_state(out, rnd + 1, backend, opt)
+    logger.close()
+    backend.save(out, card={"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id})
+    return rows

@@ -1,0 +1,292 @@
+"""Reward-gradient fine-tuning: ReFL (Xu et al. 2023, ImageReward) and DRaFT-K / DRaFT-LV (Clark et al.
+2023); METHODS.md section 3. Both need a reward that is differentiable w.r.t. the pixels.
+
+ReFL: sample without gradient (Euler ODE) down to a random late grid step k (one of the last
+``late_steps``), take one network evaluation with gradient there and predict the clean image
+``x0_hat = predict_x0(out_theta(x_k, s_k), x_k, s_k)``; decode and score it:
+
+    L(theta) = E phi( R(decode(x0_hat), c) )  +  pretrain_weight * E_{D_pre} L_fm(x, z),
+
+with ``phi(R) = ReLU(margin - R)`` (ImageReward's ReLU(2 - R)) or ``phi(R) = -R`` (:func:`refl_phi`).
+
+DRaFT-K: the full sampler, with gradient through its last K Euler steps only (K = 1: DRaFT-1), the
+same loss on the final image. DRaFT-LV (K = 1): sample the whole chain without gradient, re-noise the
+final x0 ``lv_samples`` times to the last step's noise level, ``x = (1 - s_{T-1}) x0 + s_{T-1} eps_i``,
+take the last step with gradient from each, and average the loss over them (lower variance per
+sample for the same number of chains).
+
+The published pre-training term uses ``beta`` for ``pretrain_weight``; without it the images
+degrade (the reward is easy to exploit through its gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from t2ialign.algorithms._online import (
+    check_pretrain,
+    check_prompt_rows,
+    pick_rows,
+    pretrain_losses,
+    scalar_info,
+)
+from t2ialign.algorithms.common import (
+    RunLogger,
+    call_reward,
+    load_trainer_state,
+    save_trainer_state,
+    seeded,
+    setup_trainable,
+    truncate_log,
+)
+from t2ialign.algorithms.rwr import PretrainSource
+
+PHIS = ("relu", "neg")
+
+
+def refl_phi(rewards: torch.Tensor, kind: str = "relu", margin: float = 2.0) -> torch.Tensor:
+    """The per-sample reward loss: ``ReLU(margin - R)`` ("relu", ReFL as published with margin 2) or
+    ``-R`` ("neg"). The ReLU form stops pushing a sample once its reward reaches ``margin``."""
+    if kind == "relu":
+        return F.relu(margin - rewards)
+    if kind == "neg":
+        return -rewards
+    raise ValueError(f"phi must be one of {PHIS}, got {kind!r}")
+
+
+def _euler(
+    backend, cond, x: torch.Tensor, grid: torch.Tensor, start: int, stop: int, guidance: float
+) -> torch.Tensor:
+    """Euler (ODE) steps ``start .. stop - 1`` of the grid from ``x`` (with gradient if enabled)."""
+    for j in range(start, stop):
+        x = backend.ode_step(backend.predict(x, grid[j], cond, guidance=guidance), grid[j], grid[j + 1], x)
+    return x
+
+
+def refl_images(backend, cond, x1: torch.Tensor, grid: torch.Tensor, k: int, guidance: float) -> torch.Tensor:
+    """ReFL's images: Euler steps 0..k-1 without gradient, then ``x0_hat`` from one prediction with
+    gradient at ``grid[k]``, decoded (B, 3, H, W)."""
+    with torch.no_grad():
+        x = _euler(backend, cond, x1, grid, 0, k, guidance)
+    out = backend.predict(x, grid[k], cond, guidance=guidance)
+    return backend.decode(backend.predict_x0(out, x, grid[k]))
+
+
+def draft_images(
+    backend, cond, x1: torch.Tensor, grid: torch.Tensor, k: int, guidance: float
+) -> torch.Tensor:
+    """DRaFT-K's images: the Euler chain with gradient through its last ``k`` steps only, decoded."""
+    steps = len(grid) - 1
+    with torch.no_grad():
+        x = _euler(backend, cond, x1, grid, 0, steps - k, guidance)
+    return backend.decode(_euler(backend, cond, x, grid, steps - k, steps, guidance))
+
+
+def draft_lv_images(
+    backend, cond, x1: torch.Tensor, grid: torch.Tensor, n: int, guidance: float, generator: torch.Generator
+) -> torch.Tensor:
+    """DRaFT-LV's images: the chain without gradient, its x0 re-noised ``n`` times to ``grid[-2]`` and
+    denoised by one Euler step with gradient: (n * B, 3, H, W), the i-th block from the i-th noise."""
+    steps = len(grid) - 1
+    with torch.no_grad():
+        x0 = _euler(backend, cond, x1, grid, 0, steps, guidance)
+    s = torch.full((x0.shape[0],), float(grid[-2]), device=x0.device)
+    outs = []
+    for _ in range(n):
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x = backend.add_noise(x0, eps, s)
+        outs.append(backend.decode(_euler(backend, cond, x, grid, steps - 1, steps, guidance)))
+    return torch.cat(outs)
+
+
+@dataclass
+class RewardGradConfig:
+    iterations: int = 100
+    """Optimisation steps (one batch of chains each)."""
+    batch_size: int = 8
+    """Prompts (one image each) per step."""
+    sample_steps: int = 20
+    """Euler ODE steps of the sampler."""
+    guidance: float = 3.0
+    """Classifier-free guidance while sampling (the gradient flows through the guided velocity)."""
+    phi: str = "relu"
+    """Reward loss: "relu" (ReLU(margin - R)) or "neg" (-R); see refl_phi."""
+    margin: float = 2.0
+    """The margin of the "relu" loss (ImageReward's 2; use ~1 for rewards in [0, 1])."""
+    pretrain_weight: float = 1.0
+    """Weight (the published beta) of the denoising loss on pre-training data; 0 removes it."""
+    pretrain_batch_size: int = 8
+    """Pre-training samples per step."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    lora_rank: int = 0
+    """LoRA rank through peft; 0 means full fine-tuning of the denoiser."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    checkpoint_every: int = 25
+    """Save a resumable trainer state every this many steps."""
+    seed: int = 0
+    """Seeds prompts, noise and the stop step (resume draws the same)."""
+
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "sample_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.phi not in PHIS:
+            raise ValueError(f"phi must be one of {PHIS}, got {self.phi!r}")
+        if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
+            raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+@dataclass
+class ReFLConfig(RewardGradConfig):
+    late_steps: int = 5
+    """The gradient step is drawn uniformly among the last ``late_steps`` steps of the grid (ImageReward:
+    the last 10 of 40)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.late_steps <= self.sample_steps:
+            raise ValueError(f"late_steps must be in [1, sample_steps], got {self.late_steps}")
+
+
+@dataclass
+class DRaFTConfig(RewardGradConfig):
+    phi: str = "neg"
+    """Reward loss: "neg" (-R, DRaFT as published) or "relu" (ReLU(margin - R))."""
+    k: int = 1
+    """Backpropagate through the last K sampler steps (K = 1: DRaFT-1; K = sample_steps: full DRaFT)."""
+    lv_samples: int = 0
+    """DRaFT-LV: re-noisings of the final image per chain (needs k = 1; 0: off; the paper used 2)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.k <= self.sample_steps:
+            raise ValueError(f"k must be in [1, sample_steps], got {self.k}")
+        if self.lv_samples < 0 or (self.lv_samples > 0 and self.k != 1):
+            raise ValueError(f"lv_samples must be >= 0, and needs k = 1 (got k = {self.k})")
+
+
+def _train_reward_gradient(
+    method: str, backend, reward_fn, prompts, cfg: RewardGradConfig, out, progress, logger, pretrain_source
+) -> list[dict]:
+    """The loop ReFL and DRaFT share: only the way the images are made differs."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    check_prompt_rows(prompts)
+    use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_trainer_state(out, backend, opt)
+    truncate_log(out, start)
+    logger = logger or RunLogger(out, asdict(cfg))
+    dev = backend.device
+    grid = backend.timesteps(cfg.sample_steps)
+    rows = []
+    bar = tqdm(
+        range(start, cfg.iterations),
+        initial=start,
+        total=cfg.iterations,
+        desc=method,
+        unit="step",
+        disable=not progress,
+    )
+    for it in bar:
+        g = seeded(cfg.seed, it)
+        meta = pick_rows(prompts, cfg.batch_size, g)
+        texts = [row["prompt"] for row in meta]
+        cond = backend.encode(texts)
+        x1 = torch.randn((len(texts), *backend.latent_shape), generator=g).to(dev)
+        extra = {}
+        if method == "refl":
+            k = cfg.sample_steps - 1 - int(torch.randint(cfg.late_steps, (1,), generator=g))
+            images = refl_images(backend, cond, x1, grid, k, cfg.guidance)
+            extra["stop_step"] = float(k)
+        elif cfg.lv_samples > 0:
+            images = draft_lv_images(backend, cond, x1, grid, cfg.lv_samples, cfg.guidance, g)
+            meta = meta * cfg.lv_samples
+            texts = texts * cfg.lv_samples
+        else:
+            images = draft_images(backend, cond, x1, grid, cfg.k, cfg.guidance)
+        rewards, info = call_reward(reward_fn, images, texts, meta)
+        if not rewards.requires_grad:
+            raise ValueError(
+                f"{method} needs a reward differentiable w.r.t. the pixels; reward_fn returned "
+                "rewards without gradient"
+            )
+        reward_loss = refl_phi(rewards, cfg.phi, cfg.margin).mean()
+        loss = reward_loss
+        pre_loss = 0.0
+        if use_pre:
+            pre = pretrain_losses(backend, pretrain_source, it, cfg.pretrain_batch_size, g).mean()
+            loss = loss + cfg.pretrain_weight * pre
+            pre_loss = pre.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        row = {
+            "loss": loss.item(),
+            "reward_loss": reward_loss.item(),
+            "pre_loss": pre_loss,
+            "reward_mean": float(rewards.detach().mean()),
+            "grad_norm": float(grad_norm),
+            **extra,
+            **scalar_info(info),
+        }
+        logger.log(it + 1, row)
+        rows.append({"step": it + 1, **row})
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            save_trainer_state(out, it + 1, backend, opt)
+    logger.close()
+    backend.save(
+        out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
+    )
+    return rows
+
+
+def train_refl(
+    backend,
+    reward_fn,
+    prompts: list[dict],
+    cfg: ReFLConfig,
+    out: str | Path,
+    progress: bool = True,
+    logger: RunLogger | None = None,
+    pretrain_source: PretrainSource | None = None,
+) -> list[dict]:
+    """Fine-tune ``backend`` in place with ReFL; resumes from ``out``. ``reward_fn`` must return rewards
+    differentiable w.r.t. the images. Returns this run's log rows; the final model is saved to ``out``."""
+    return _train_reward_gradient(
+        "refl", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source
+    )
+
+
+def train_draft(
+    backend,
+    reward_fn,
+    prompts: list[dict],
+    cfg: DRaFTConfig,
+    out: str | Path,
+    progress: bool = True,
+    logger: RunLogger | None = None,
+    pretrain_source: PretrainSource | None = None,
+) -> list[dict]:
+    """Fine-tune ``backend`` in place with DRaFT-K (or DRaFT-LV); resumes from ``out``. ``reward_fn`` must
+    return rewards differentiable w.r.t. the images. Returns this run's log rows; the final model is
+    saved to ``out``."""
+    return _train_reward_gradient(
+        "draft", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source
+    )

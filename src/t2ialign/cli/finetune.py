@@ -1,0 +1,255 @@
+"""``t2ialign finetune METHOD`` and ``t2ialign demo``: alignment from the shell.
+
+The CLI is the one place where names map to callables: METHOD to a trainer, REWARD to a reward
+function (``checker``, a rule reward's name, a trained reward's folder, or a weighted mix such as
+``checker:0.7,runs/reward:0.3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+
+from t2ialign.cli.common import add_command
+
+# METHOD -> (module, config class, train function, needs)
+METHODS = {
+    "rwr": ("t2ialign.algorithms.rwr", "RWRConfig", "train_rwr", "project"),
+    "ddpo": ("t2ialign.algorithms.ddpo", "DDPOConfig", "train_ddpo", "reward"),
+    "grpo": ("t2ialign.algorithms.grpo", "GRPOConfig", "train_grpo", "reward"),
+    "mixgrpo": ("t2ialign.algorithms.mixgrpo", "MixGRPOConfig", "train_mixgrpo", "reward"),
+    "nft": ("t2ialign.algorithms.nft", "NFTConfig", "train_nft", "reward"),
+    "raft": ("t2ialign.algorithms.raft", "RAFTConfig", "train_raft", "reward"),
+    "refl": ("t2ialign.algorithms.refl", "ReFLConfig", "train_refl", "reward"),
+    "draft": ("t2ialign.algorithms.refl", "DRaFTConfig", "train_draft", "reward"),
+    "dpo": ("t2ialign.algorithms.dpo", "DPOConfig", "train_dpo", "pairs"),
+}
+ITERATION_FIELDS = ("steps", "iterations", "rounds", "epochs")
+
+
+def add_parsers(sub) -> None:
+    p = add_command(
+        sub,
+        "finetune",
+        cmd_finetune,
+        "fine-tune a generator: the seed paper's reward-weighted likelihood or an online/preference method",
+        "t2ialign finetune grpo --reward checker --iterations 20 --out runs/grpo\n"
+        "  t2ialign finetune rwr --project proj --reward runs/reward --out runs/rwr",
+    )
+    p.add_argument("method", choices=list(METHODS), help="the algorithm")
+    p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model: a shapes generator folder (default: the shipped one) or a diffusers "
+        "pipeline folder (SD 1.5, SDXL, SD3, FLUX)",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["shapes", "sd", "sdxl", "sd3", "flux"],
+        help="force the model family instead of reading it from the folder",
+    )
+    p.add_argument("--dtype", default="float32", help="diffusers backends: float32, bf16 or fp16")
+    p.add_argument(
+        "--reward",
+        default=None,
+        help="checker | counting | partial | similarity | a reward folder | a mix 'checker:0.7,DIR:0.3'",
+    )
+    p.add_argument("--project", default=None, help="feedback project (rwr: labelled images; dpo: pairs)")
+    p.add_argument("--prompts", default=None, help="prompts .jsonl for online methods (default: seen suite)")
+    p.add_argument("--iterations", type=int, default=None, help="steps / iterations / rounds of the method")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--weight",
+        choices=["label", "reward", "filter"],
+        default="label",
+        help="rwr: weight labelled samples by the label, the reward score or a 0/1 filter",
+    )
+    p.add_argument(
+        "--pseudo-per-prompt",
+        type=int,
+        default=0,
+        help="rwr: unlabelled samples per prompt scored by --reward (the paper's pseudo-labels)",
+    )
+    p.add_argument("--humans-only", action="store_true", help="use only human labels (not simulated ones)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any field of the method's config dataclass, e.g. --set beta=0.5 (repeatable)",
+    )
+
+    p = add_command(
+        sub,
+        "demo",
+        cmd_demo,
+        "run the whole loop on the embedded world and write a report (the main job)",
+        "t2ialign demo --out demo   # or: t2ialign demo --quick --out demo-quick",
+    )
+    p.add_argument("--out", default="demo", help="output folder (must be new or empty)")
+    p.add_argument("--quick", action="store_true", help="a 3-minute version with fewer images and steps")
+    p.add_argument("--ablation", action="store_true", help="also run the paper's Table 3 ablation")
+    p.add_argument("--model", default=None, help="base generator folder (default: the shipped model)")
+    p.add_argument("--encoder", default=None, help="encoder folder (default: the shipped encoder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts-per-task", type=int, default=None, help="seen/unseen prompts per task")
+    p.add_argument("--sample-steps", type=int, default=None, help="Euler steps of every sampling stage")
+
+
+def apply_overrides(cfg, items: list[str]):
+    """Apply ``FIELD=VALUE`` strings to a config dataclass (types from its annotations)."""
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        key, val = item.split("=", 1)
+        if key not in hints:
+            names = ", ".join(f.name for f in dataclasses.fields(cfg))
+            raise ValueError(f"--set {key!r}: {type(cfg).__name__} has no such field; fields: {names}")
+        typ = hints[key]
+        base = typing.get_args(typ)[0] if typing.get_origin(typ) in (typing.Union, type(int | None)) else typ
+        if base is bool:
+            changes[key] = val.lower() in ("1", "true", "yes", "on")
+        elif base in (int, float, str):
+            try:
+                changes[key] = base(val)
+            except ValueError:
+                raise ValueError(f"--set {key}={val!r}: expected {base.__name__}") from None
+        else:
+            raise ValueError(f"--set {key}: fields of type {typ} cannot be set from the command line")
+    return dataclasses.replace(cfg, **changes)
+
+
+def build_reward(text: str | None):
+    """REWARD string -> reward_fn(images, prompts, metadata) -> (rewards, info)."""
+    from t2ialign.reward import rewards as R
+
+    if not text:
+        raise ValueError(
+            "this method needs --reward (checker, counting, partial, similarity, a reward "
+            "folder, or a mix like 'checker:0.7,runs/reward:0.3')"
+        )
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if len(parts) > 1 or ":" in parts[0]:
+        fns = []
+        for part in parts:
+            name, _, w = part.rpartition(":")
+            if not name:
+                raise ValueError(f"--reward {text!r}: each part of a mix is NAME:WEIGHT")
+            try:
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"--reward {text!r}: {w!r} is not a weight") from None
+            fns.append((build_reward(name), weight))
+        return R.mix_rewards(fns)
+    name = parts[0]
+    named = {"checker": R.checker_reward, "counting": R.counting_reward, "partial": R.partial_credit_reward}
+    if name in named:
+        return named[name]
+    if name == "similarity":
+        return R.SimilarityReward()
+    if Path(name).is_dir():
+        return R.ModelReward.load(name)
+    raise ValueError(
+        f"--reward {name!r}: not a known reward (checker, counting, partial, similarity) nor a reward folder"
+    )
+
+
+def _prompt_rows(path: str | None) -> list[dict]:
+    from t2ialign.world.imagefolder import read_prompts
+    from t2ialign.world.suites import suite
+
+    return read_prompts(path) if path else suite("seen")
+
+
+def cmd_finetune(args) -> int:
+    from t2ialign.backends import ShapesBackend
+    from t2ialign.models import load_generator
+
+    mod_name, cfg_name, fn_name, needs = METHODS[args.method]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"method {args.method!r} is not available in this build ({e})") from None
+    cfg = getattr(mod, cfg_name)()
+    overrides = list(args.set)
+    if args.iterations is not None:
+        field = next((f for f in ITERATION_FIELDS if hasattr(cfg, f)), None)
+        overrides.append(f"{field}={args.iterations}")
+    if args.lora_rank is not None:
+        overrides.append(f"lora_rank={args.lora_rank}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = apply_overrides(cfg, overrides)
+    if args.model is None:
+        backend = ShapesBackend(load_generator())
+    else:
+        from t2ialign.backends.loader import load_backend
+
+        backend = load_backend(args.model, args.backend, dtype=args.dtype)
+    shapes = isinstance(backend, ShapesBackend)
+    pre = None
+    if shapes:
+        from t2ialign.pipeline import world_pretrain_source
+
+        pre = world_pretrain_source(size=backend.gen.config.image_size)
+    train = getattr(mod, fn_name)
+    out = Path(args.out)
+    if needs == "project":
+        from t2ialign.feedback import FeedbackStore
+        from t2ialign.pipeline import pseudo_labelled, rwr_data_from_store
+
+        if not args.project:
+            raise ValueError("rwr needs --project (a feedback project with labels)")
+        store = FeedbackStore.open(args.project)
+        reward_fn = build_reward(args.reward) if args.reward else None
+        labelled = rwr_data_from_store(
+            store, reward_fn, weight=args.weight, simulated=False if args.humans_only else None
+        )
+        pseudo = None
+        if args.pseudo_per_prompt > 0:
+            if reward_fn is None:
+                raise ValueError("--pseudo-per-prompt needs --reward to score the unlabelled samples")
+            rows = [{"prompt": p} for p in dict.fromkeys(labelled.prompts)]
+            if not shapes:
+                raise ValueError("--pseudo-per-prompt is implemented for the embedded world's model only")
+            pseudo = pseudo_labelled(backend.gen, rows, args.pseudo_per_prompt, reward_fn, weight="filter")
+        if pre is None and cfg.beta > 0:
+            raise ValueError("this model has no built-in pre-training data: add --set beta=0")
+        train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pre)
+    elif needs == "pairs":
+        from t2ialign.feedback import FeedbackStore
+        from t2ialign.pipeline import pairs_from_store
+
+        if not args.project:
+            raise ValueError("dpo needs --project (a feedback project with pairwise comparisons)")
+        pairs = pairs_from_store(
+            FeedbackStore.open(args.project), simulated=False if args.humans_only else None
+        )
+        train(backend, pairs, cfg, out)
+    else:
+        kwargs = {}
+        if "pretrain_source" in train.__code__.co_varnames:
+            kwargs["pretrain_source"] = pre
+        train(backend, build_reward(args.reward), _prompt_rows(args.prompts), cfg, out, **kwargs)
+    print(f"saved the fine-tuned generator to {out}; sample it with: t2ialign sample --model {out} ...")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from t2ialign.demo import DemoConfig, quick_config, run_demo
+
+    kw = dict(out=args.out, model=args.model, encoder=args.encoder, ablation=args.ablation, seed=args.seed)
+    if args.prompts_per_task is not None:
+        kw["prompts_per_task"] = args.prompts_per_task
+    if args.sample_steps is not None:
+        kw["sample_steps"] = args.sample_steps
+    cfg = quick_config(**kw) if args.quick else DemoConfig(**kw)
+    run_demo(cfg)
+    return 0

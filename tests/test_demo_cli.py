@@ -1,0 +1,127 @@
+"""The main job end to end (``demo --quick`` on tiny models) and ``finetune`` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from t2ialign.models import build_generator, load_generator, save_generator
+from t2ialign.models.encoder import DualEncoder, encoder_preset, save_encoder
+
+
+def _cli(*args, cwd=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "t2ialign", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    g = build_generator("tiny")
+    with torch.no_grad():
+        g.unet.conv_out.weight.normal_(0, 0.05)
+    save_generator(g, d / "gen")
+    save_encoder(DualEncoder(encoder_preset("tiny")), d / "enc")
+    return d / "gen", d / "enc"
+
+
+def test_demo_quick_end_to_end(tmp_path, tiny_models):
+    gen, enc = tiny_models
+    out = tmp_path / "demo"
+    proc = _cli(
+        "demo",
+        "--quick",
+        "--model",
+        gen,
+        "--encoder",
+        enc,
+        "--out",
+        out,
+        "--prompts-per-task",
+        1,
+        "--sample-steps",
+        4,
+    )
+    assert "t2ialign label serve" in proc.stdout  # tells the user how to label by hand
+    for f in ("report.html", "report.md", "results.json", "grid_before.png", "grid_after.png", "curves.png"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    for when in ("before", "after"):
+        for split in ("seen", "unseen"):
+            r = res[when][split]
+            assert {"overall", "tasks", "fid", "mean_reward"} <= set(r)
+            assert 0.0 <= r["overall"] <= 1.0 and r["fid"] >= 0
+            assert all({"accuracy", "n"} <= set(t) for t in r["tasks"].values())
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]  # self-contained
+    # the fine-tuned model loads like any generator
+    assert load_generator(out / "rwr").model_id == res["tuned_model"]
+    # the demo never overwrites
+    again = _cli("demo", "--quick", "--model", gen, "--encoder", enc, "--out", out, check=False)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize("method", ["grpo", "nft", "raft"])
+def test_finetune_cli_online(tmp_path, tiny_models, method):
+    gen, _ = tiny_models
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "two red circles"}\n{"prompt": "a blue square"}\n')
+    out = tmp_path / method
+    _cli(
+        "finetune",
+        method,
+        "--model",
+        gen,
+        "--reward",
+        "partial",
+        "--prompts",
+        prompts,
+        "--iterations",
+        1,
+        "--set",
+        "group_size=2" if method != "raft" else "samples_per_prompt=2",
+        "--out",
+        out,
+    )
+    assert (out / "model.safetensors").exists() and (out / "log.jsonl").exists()
+    load_generator(out)
+
+
+def test_finetune_cli_errors(tmp_path, tiny_models):
+    gen, _ = tiny_models
+    p = _cli("finetune", "grpo", "--model", gen, "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "needs --reward" in p.stderr
+    p = _cli("finetune", "grpo", "--model", gen, "--reward", "nonsense", "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "not a known reward" in p.stderr
+    p = _cli(
+        "finetune",
+        "grpo",
+        "--model",
+        gen,
+        "--reward",
+        "checker",
+        "--set",
+        "bogus=1",
+        "--out",
+        tmp_path / "x",
+        check=False,
+    )
+    assert p.returncode == 2 and "no such field" in p.stderr
+    p = _cli("finetune", "rwr", "--model", gen, "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "--project" in p.stderr
