@@ -55,7 +55,7 @@ class DemoConfig:
                 pretrain_batch_size=32,
                 beta=1.0,
                 pseudo_fraction=0.5,
-                lr=2e-4,
+                lr=5e-5,
                 checkpoint_every=100,
             )
 

@@ -64,6 +64,9 @@ class RWRConfig:
     """LoRA scaling alpha."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
+    ema: float = 0.99
+    """Decay of an exponential moving average of the trained weights; the saved model is the average
+    (as pre-training samples from an EMA). 0 saves the raw weights."""
     checkpoint_every: int = 50
     """Save a resumable trainer state every this many steps."""
     seed: int = 0
@@ -80,6 +83,8 @@ class RWRConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
 
 @dataclass
@@ -128,7 +133,8 @@ def train_rwr(
         raise ValueError("no model samples to train on")
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start, _ = load_trainer_state(out, backend, opt)
+    start, extra = load_trainer_state(out, backend, opt)
+    ema = extra.get("ema") or [p.detach().clone() for p in params]
     truncate_log(out, start)
     logger = logger or RunLogger(out, asdict(cfg))
     n_pseudo = 0 if pseudo is None or len(pseudo) == 0 else round(cfg.batch_size * cfg.pseudo_fraction)
@@ -167,6 +173,9 @@ def train_rwr(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema, params, strict=True):
+                pe.lerp_(p.detach(), 1.0 - cfg.ema)
         ml = model_losses.detach()
         row = {
             "loss": loss.item(),
@@ -178,7 +187,11 @@ def train_rwr(
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            save_trainer_state(out, k + 1, backend, opt)
+            save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema})
     logger.close()
+    if cfg.ema > 0:
+        with torch.no_grad():
+            for pe, p in zip(ema, params, strict=True):
+                p.copy_(pe)
     backend.save(out, card={"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id})
     return rows
