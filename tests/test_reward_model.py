@@ -141,3 +141,20 @@ def test_reward_inputs_are_checked(saved):
     with pytest.raises(ValueError, match="float"):
         fn((images() * 255).to(torch.uint8), PROMPTS, None)
     assert to_prompt(parse(PROMPTS[0])) == PROMPTS[0]
+
+
+def test_head_options():
+    img, txt = (
+        torch.nn.functional.normalize(torch.randn(4, 8), dim=-1),
+        torch.nn.functional.normalize(torch.randn(4, 8), dim=-1),
+    )
+    prod = RewardHead(RewardHeadConfig(embed_dim=8, hidden=4, features="product")).eval()
+    assert prod.fc1.in_features == 8 and prod(img, txt).shape == (4,)
+    skip = RewardHead(RewardHeadConfig(embed_dim=8, hidden=4, cosine_skip=True)).eval()
+    with torch.no_grad():
+        skip.skip.fill_(2.0)
+    # the MLP's output layer starts at zero: the untrained head is 2 * cos + init_bias
+    assert torch.allclose(skip(img, txt), 2.0 * (img * txt).sum(-1) + 0.5, atol=1e-6)
+    for bad in (dict(features="sum"), dict(hidden=0), dict(dropout=1.0), dict(embed_dim=0)):
+        with pytest.raises(ValueError):
+            RewardHeadConfig(**{"embed_dim": 8} | bad)

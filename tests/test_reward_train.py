@@ -184,3 +184,16 @@ def test_cli_user_errors(tmp_path, capsys):
     assert "no labels" in capsys.readouterr().err
     assert main(["reward", "train", "--project", str(empty), "--temperature", "0"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_restrict_keeps_validation_and_chosen_prompts(store, backbone):
+    data = build_data(store, RewardTrainConfig(val_fraction=0.3), backbone)
+    keep = data.train_prompts[:2]
+    sub = data.restrict(keep)
+    kept = {sub.texts[t] for t in sub.label_txt.tolist()}
+    assert kept == set(keep) | set(data.val_prompts)
+    assert int(sub.label_val.sum()) == int(data.label_val.sum())
+    for i in range(len(sub.aux_img)):  # each aux example still points at its own (good) label row
+        row = int(sub.aux_label[i])
+        assert sub.label_y[row] == 1 and sub.label_img[row] == sub.aux_img[i]
+    assert all(sub.texts[t] in kept for t in sub.pair_txt.tolist())

@@ -47,6 +47,17 @@ def add_parsers(sub) -> None:
         help="encoder folder (default: the shipped one), or the local CLIP folder for --backbone clip",
     )
     p.add_argument("--hidden", type=int, default=256, help="hidden units of the MLP head")
+    p.add_argument(
+        "--features",
+        choices=["concat", "product"],
+        default="concat",
+        help="MLP input: [img, txt, img*txt] (the paper's kind) or img*txt alone",
+    )
+    p.add_argument(
+        "--cosine-skip",
+        action="store_true",
+        help="add a skip connection from the encoder's cosine similarity (fitted by least squares first)",
+    )
     p.add_argument("--epochs", type=int, default=300, help="at most this many epochs")
     p.add_argument("--patience", type=int, default=30, help="early stopping patience, in epochs")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of prompts for validation")
@@ -95,6 +106,8 @@ def cmd_train(args) -> int:
         backbone=args.backbone,
         backbone_path=args.backbone_path,
         hidden=args.hidden,
+        features=args.features,
+        cosine_skip=args.cosine_skip,
         aux=not args.no_aux,
         lam=args.lam,
         temperature=args.temperature,

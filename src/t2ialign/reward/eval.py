@@ -135,9 +135,11 @@ def score_project(
     only_labelled: bool = True,
     batch_size: int = 256,
     progress: bool = False,
+    checker_cache: dict | None = None,
 ) -> ProjectScores:
     """Score the images of ``store`` with ``reward_fn`` (no gradient); run the checker on each.
-    ``labels``: which labels to keep (all, human, simulated)."""
+    ``labels``: which labels to keep (all, human, simulated). ``checker_cache``: a dict kept across
+    calls (image hash and prompt -> verdict) so that scoring several rewards checks each image once."""
     from tqdm import tqdm
 
     simulated = {"all": None, "human": False, "simulated": True}.get(labels, "?")
@@ -166,7 +168,14 @@ def score_project(
             out.gids.append(g["id"])
             out.prompts.append(g["prompt"])
             out.world_split.append(g["split"] if g["split"] in ("seen", "unseen") else "other")
-            out.checker.append(bool(check(img, g["spec"]).correct) if g["spec"] else None)
+            key = (g["image_sha256"], g["prompt"])
+            if checker_cache is not None and key in checker_cache:
+                verdict = checker_cache[key]
+            else:
+                verdict = bool(check(img, g["spec"]).correct) if g["spec"] else None
+                if checker_cache is not None:
+                    checker_cache[key] = verdict
+            out.checker.append(verdict)
     out.scores = np.concatenate(scores) if scores else np.zeros(0)
     kept = [r for r in recs if r.generation_id in pos]
     out.label_index = np.array([pos[r.generation_id] for r in kept], dtype=int)

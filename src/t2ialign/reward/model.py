@@ -3,7 +3,10 @@
 ``r_phi(x, z) = MLP([e_x, e_z, e_x * e_z])`` with ``e_x = encode_image(x)`` and ``e_z = encode_text(z)``
 the frozen backbone's unit-norm embeddings (Lee et al. 2023 used CLIP ViT-L/14 and 1,024 hidden
 units). The score is unbounded; trained by MSE on labels in {0, 1}, it estimates the probability that
-the image matches its prompt.
+the image matches its prompt. Two options of :class:`RewardHeadConfig` change the head's inductive
+bias: ``features='product'`` feeds the MLP ``e_x * e_z`` alone (no prompt identity to memorise), and
+``cosine_skip`` adds ``a * cos(e_x, e_z)`` to the MLP's output (a skip connection from the zero-shot
+similarity; ``docs/RESULTS.md`` measures both).
 
 A backbone is any module with ``embed_dim``, ``encode_image(images)`` (images in [0, 1], (B, 3, H, W),
 differentiable w.r.t. the pixels), ``encode_text(prompts)`` and ``reference()`` (a JSON-ready dict that

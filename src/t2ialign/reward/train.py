@@ -13,7 +13,10 @@ The backbone is frozen, so the image and text embeddings are computed once (per 
 distinct prompt) and training runs on those cached tensors: seconds per hundred epochs on a CPU.
 
 Validation is a split *by prompt* (no prompt has images on both sides); training stops when the
-validation objective has not improved for ``patience`` epochs and keeps the best epoch's head. The
+validation criterion has not improved for ``patience`` epochs and keeps the best epoch's head. The
+criterion is by default the Brier score of the score clamped to [0, 1] (plus the Bradley-Terry loss
+when there are pairs): the auxiliary loss pushes the scores of mismatched prompts far below 0, which
+inflates the plain validation MSE without hurting the reward's reading as a probability. The
 decision threshold is chosen on the validation labels. Prompts of the world's held-out (unseen) part
 are left out of training by default, so that they stay a test of generalisation.
 """
@@ -156,6 +159,48 @@ class RewardData:
             for j, m in zip(self.aux_cand[i].tolist(), self.aux_mask[i].tolist(), strict=True)
             if m
         ]
+
+    def restrict(self, train_prompts) -> RewardData:
+        """A copy that keeps the validation rows and the training rows of ``train_prompts`` only
+        (for learning curves); embeddings are shared, not copied."""
+        import dataclasses
+
+        keep_p = set(train_prompts) | set(self.val_prompts)
+        keep = torch.tensor([self.texts[t] in keep_p for t in self.label_txt.tolist()], dtype=torch.bool)
+        rows = torch.nonzero(keep).squeeze(1)
+        new_row = torch.full((len(keep),), -1, dtype=torch.long)
+        new_row[rows] = torch.arange(len(rows))
+        aux = torch.nonzero(keep[self.aux_label]).squeeze(1) if len(self.aux_label) else self.aux_label
+        pair_keep = [self.texts[t] in keep_p for t in self.pair_txt.tolist()]
+        pairs = (
+            torch.nonzero(torch.tensor(pair_keep, dtype=torch.bool)).squeeze(1)
+            if pair_keep
+            else self.pair_txt
+        )
+        tp = sorted(p for p in self.train_prompts if p in keep_p)
+        return dataclasses.replace(
+            self,
+            label_img=self.label_img[rows],
+            label_txt=self.label_txt[rows],
+            label_y=self.label_y[rows],
+            label_val=self.label_val[rows],
+            aux_img=self.aux_img[aux],
+            aux_cand=self.aux_cand[aux],
+            aux_mask=self.aux_mask[aux],
+            aux_val=self.aux_val[aux],
+            aux_label=new_row[self.aux_label[aux]],
+            pair_w=self.pair_w[pairs],
+            pair_l=self.pair_l[pairs],
+            pair_txt=self.pair_txt[pairs],
+            pair_tie=self.pair_tie[pairs],
+            pair_val=self.pair_val[pairs],
+            train_prompts=tp,
+            counts={
+                **self.counts,
+                "train_prompts": len(tp),
+                "train_labels": int((~self.label_val[rows]).sum()),
+            },
+        )
 
 
 def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -367,9 +412,19 @@ def _one_thread(device: str):
         torch.set_num_threads(n)
 
 
+def fit_head(
+    model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress: bool = False, where: str = ""
+):
+    """Train ``model``'s head on cached ``data``: the epoch loop with early stopping on the
+    validation criterion (``cfg.early_stop``); leaves the best epoch's head in ``model``, in eval
+    mode. Returns (history, best epoch)."""
+    with _one_thread(cfg.device):
+        history, best_epoch = _fit(model, data, cfg, progress, where)
+    model.eval()
+    return history, best_epoch
+
+
 def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress: bool, where: str = ""):
-    """The epoch loop with early stopping on the validation objective; leaves the best epoch's
-    head in ``model``. Returns (history, best epoch)."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -454,7 +509,6 @@ def train_reward_model(
     """Train a reward head on the project ``store`` (a FeedbackStore); save it with its card to
     ``out`` when given. ``backbone``: an already loaded backbone to reuse (else built from ``cfg``);
     ``command``: the command line recorded in the card (default: this process's)."""
-
     from t2ialign.reward.eval import binary_metrics, choose_threshold
 
     t0 = time.time()
@@ -469,10 +523,8 @@ def train_reward_model(
         features=cfg.features,
     ).to(cfg.device)
     skip_init = init_from_similarity(model, data)
-    with _one_thread(cfg.device):
-        history, best_epoch = _fit(model, data, cfg, progress, where=str(store.path))
+    history, best_epoch = fit_head(model, data, cfg, progress, where=str(store.path))
     has_val = bool(data.label_val.any() or data.pair_val.any())
-    model.eval()
 
     # metrics against the labels, threshold chosen on validation
     scores = label_scores(model, data)
