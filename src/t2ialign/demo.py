@@ -154,7 +154,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     timer.lap(f"feedback: {len(rows)} images generated, {sim['labels']} simulated labels")
 
     # 2. learn a reward
-    reward_cfg = RewardTrainConfig(backbone_path=cfg.encoder, max_epochs=cfg.reward_epochs, seed=cfg.seed)
+    # the paper's head plus a skip connection from the zero-shot similarity (``cosine_skip``): with
+    # this world's few feedback prompts the plain head overfits them at once (docs/RESULTS.md,
+    # "Reward model"), while the skip variant keeps the auxiliary loss and ranks unseen prompts better
+    reward_cfg = RewardTrainConfig(
+        backbone_path=cfg.encoder, max_epochs=cfg.reward_epochs, seed=cfg.seed, cosine_skip=True
+    )
     reward = train_reward_model(store, reward_cfg, out / "reward", progress=progress)
     reward_fn = ModelReward(reward)
     timer.lap("reward model trained")

@@ -115,13 +115,18 @@ def pseudo_labelled(
     return WeightedSamples(x, prompts, weights_from(mode, None, rewards, threshold))
 
 
-def world_pretrain_source(seed: int = 777, size: int = 32) -> PretrainSource:
+def world_pretrain_source(seed: int = 777, size: int = 32, cond_dropout: float = 0.1) -> PretrainSource:
     """Pre-training data of the embedded world (true renders of random specs), batch k a pure function
-    of (seed, k): the paper's LAION term."""
+    of (seed, k): the paper's LAION term.
+
+    As in pre-training, ``cond_dropout`` of the prompts are replaced by the null prompt, so that the
+    unconditional prediction (the other half of classifier-free guidance) stays anchored to the data
+    while fine-tuning moves the conditional one; without it, guidance amplifies the drift between
+    the two."""
     from t2ialign.models.pretrain import world_batch
 
     def source(step: int, batch_size: int):
-        x, prompts, _ = world_batch(seed, step, batch_size, size)
+        x, prompts, _ = world_batch(seed, step, batch_size, size, cond_dropout=cond_dropout)
         return x, prompts
 
     return source

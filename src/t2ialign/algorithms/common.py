@@ -201,3 +201,111 @@ def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: l
     if rewards.shape != (images.shape[0],):
         raise ValueError(f"reward_fn returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)")
     return rewards, info or {}
+
+
+# ---- data parallelism (Hugging Face Accelerate) --------------------------------------------------
+
+
+class Ranks:
+    """The data-parallel view of an optional ``accelerate.Accelerator``: which shard of a global batch
+    this process owns, collectives over ranks, and who writes logs and checkpoints.
+
+    Gradients are averaged by :meth:`sync_grads` (one flat ``all_reduce`` of the trainable gradients
+    over ``torch.distributed``) rather than by wrapping the denoiser with ``accelerator.prepare``:
+    the backends call their denoiser themselves, swap it for the frozen reference, inject LoRA into
+    it and save it by parameter name, all of which a DDP wrapper would break. The averaging is DDP's
+    arithmetic (mean of the per-rank gradients) without its overlap of communication and backward.
+
+    With no accelerator, or one of a single process, every method is the identity (or a no-op), so
+    single-process training is unchanged.
+    """
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.rank = int(accelerator.process_index) if accelerator is not None else 0
+        self.world = int(accelerator.num_processes) if accelerator is not None else 1
+        # collectives run on the accelerator's device (NCCL takes no CPU tensors)
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc is None or bool(self.acc.is_main_process)
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of a global batch of ``n`` (which must split evenly)."""
+        if n % self.world:
+            raise ValueError(f"a global batch of {n} does not split over {self.world} processes")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def generator(self, seed: int, step: int) -> torch.Generator:
+        """:func:`seeded` on rank 0 (so one process draws what it always drew), a distinct stream on
+        every other rank."""
+        if self.rank == 0:
+            return seeded(seed, step)
+        return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 7919 + self.rank * 2**40)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' tensors (equal shapes) along dim 0, in rank order."""
+        return self.acc.gather(t.contiguous()) if self.active else t
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().to(self.device, copy=True)
+        dist.all_reduce(out)
+        return out.to(t.device)
+
+    def mean_scalars(self, row: dict[str, float]) -> dict[str, float]:
+        """Each scalar averaged over ranks (every rank must hold the same keys)."""
+        if not self.active or not row:
+            return row
+        keys = sorted(row)
+        vals = self.all_sum(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / self.world
+        return {k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)}
+
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace every trainable gradient by its mean over ranks. A parameter without a gradient on
+        every rank keeps none (as in one process); one with a gradient on some rank counts as zero
+        on the others."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(has)
+        live = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+        if not live:
+            return
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in live]
+        ).to(self.device)
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in live:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device, copy=True)
+            offset += n
+
+    def broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
+        """Make every rank start from rank 0's trainable weights."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                buf = p.data.to(self.device, copy=True)
+                dist.broadcast(buf, 0)
+                p.data.copy_(buf)
+
+    def wait(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()

@@ -29,6 +29,7 @@ import torch
 
 from t2ialign.algorithms.common import (
     CHECKPOINT,
+    Ranks,
     RunLogger,
     Trajectory,
     call_reward,
@@ -36,7 +37,6 @@ from t2ialign.algorithms.common import (
     load_trainer_state,
     rollout,
     save_trainer_state,
-    seeded,
     setup_trainable,
     step_log_prob,
     truncate_log,
@@ -135,12 +135,15 @@ def optimise_policy(
     timestep_fraction: float = 1.0,
     grad_clip: float = 1.0,
     generator: torch.Generator | None = None,
+    sync_grads: Callable[[list], None] | None = None,
 ) -> dict[str, float]:
     """Inner epochs over shuffled minibatches of ``batch``; one optimiser step per minibatch, with the
     per-step losses of the trained ``steps`` (a random ``timestep_fraction`` of them per minibatch)
     averaged (``step_reduce='mean'``, Flow-GRPO) or summed (``'sum'``, DDPO). Each step adds
     ``beta * KL`` to the reference model when beta > 0. Returns the diagnostics, each a mean over
-    (minibatch, step) pairs (so ``loss`` is per step, also when the optimised sum is over steps)."""
+    (minibatch, step) pairs (so ``loss`` is per step, also when the optimised sum is over steps).
+    ``sync_grads(params)``, when given, runs between the backward passes and the clip (the gradient
+    average over data-parallel ranks)."""
     if step_reduce not in ("mean", "sum"):
         raise ValueError(f"step_reduce must be 'mean' or 'sum', got {step_reduce!r}")
     n = adv.shape[0]
@@ -178,6 +181,8 @@ def optimise_policy(
                 for key, v in row.items():
                     sums[key] = sums.get(key, 0.0) + v
                 count += 1
+            if sync_grads is not None:
+                sync_grads(params)
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm)
             opt.step()
@@ -215,8 +220,9 @@ def check_prompts(prompts: list[dict]) -> None:
         raise ValueError(f"prompt rows must be dicts with a 'prompt' key, got {bad[0]!r}")
 
 
-def resume(out: Path, backend, opt, method: str) -> tuple[int, dict]:
-    """Load the trainer state of ``out`` (if any), refusing one written by another method."""
+def resume(out: Path, backend, opt, method: str, truncate: bool = True) -> tuple[int, dict]:
+    """Load the trainer state of ``out`` (if any), refusing one written by another method; the log
+    is cut back to the resumed step when ``truncate`` (the main process only, under Accelerate)."""
     path = out / CHECKPOINT
     if path.exists():  # look before loading: another method's weights may not even fit
         other = (
@@ -225,7 +231,8 @@ def resume(out: Path, backend, opt, method: str) -> tuple[int, dict]:
         if other not in (None, method):
             raise ValueError(f"{out} holds a {other!r} run, not {method!r}: use another --out")
     start, extra = load_trainer_state(out, backend, opt)
-    truncate_log(out, start)
+    if truncate:
+        truncate_log(out, start)
     return start, extra
 
 
@@ -315,18 +322,31 @@ def train_group_policy(
     window: Window | None = None,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """The GRPO loop, with the SDE and the training restricted to ``window(iteration)`` when given
-    (MixGRPO); see :func:`train_grpo`."""
+    (MixGRPO); see :func:`train_grpo`.
+
+    With an ``accelerate.Accelerator`` of N processes, ``prompts_per_iter`` and ``group_size`` are
+    global: the iteration's ``prompts_per_iter * group_size`` samples (which must split evenly over
+    the ranks) are sharded contiguously, so a group may span ranks; each rank samples its share
+    (with its own noise stream), the rewards are gathered, the group advantages computed over the
+    global groups and each rank trains on its slice, ``minibatch_size`` samples per process per
+    optimiser step, with the gradients averaged over ranks. The main process alone writes the log,
+    checkpoints and the model; every rank resumes from the same ``out``."""
     from tqdm import tqdm
 
     out = Path(out)
     check_prompts(prompts)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, _ = resume(out, backend, opt, method)
+    ranks = Ranks(accelerator)
+    ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fail early on an uneven split
+    start, _ = resume(out, backend, opt, method, truncate=ranks.is_main)
+    ranks.broadcast_params(params)
     own_logger = logger is None
-    logger = logger or RunLogger(out, {"method": method, **asdict(cfg)})
+    if ranks.is_main:
+        logger = logger or RunLogger(out, {"method": method, **asdict(cfg)})
     G, T = cfg.group_size, cfg.train_steps
     rows = []
     bar = tqdm(
@@ -335,20 +355,21 @@ def train_group_policy(
         total=cfg.iterations,
         desc=method,
         unit="it",
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
     )
     for it in bar:
-        g = seeded(cfg.seed, it)
+        g = ranks.generator(cfg.seed, it)
         rng = np.random.default_rng([cfg.seed, it])
         chosen = choose_prompts(prompts, cfg.prompts_per_iter, rng)
         first, end = window(it) if window is not None else (0, T)
         stochastic = torch.zeros(T, dtype=torch.bool)
         stochastic[first:end] = True
         t0 = time.perf_counter()
-        batch = collect_rollouts(
-            backend, reward_fn, [r for r in chosen for _ in range(G)], T, cfg.guidance, stochastic, g
-        )
-        adv = group_advantages(batch.rewards, G, cfg.adv_eps).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        group_rows = [r for r in chosen for _ in range(G)]
+        mine = ranks.shard(len(group_rows))
+        batch = collect_rollouts(backend, reward_fn, group_rows[mine], T, cfg.guidance, stochastic, g)
+        rewards = ranks.gather(batch.rewards)  # the global groups, in rank order
+        adv = group_advantages(rewards, G, cfg.adv_eps).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)[mine]
         t1 = time.perf_counter()
         stats = optimise_policy(
             backend,
@@ -367,29 +388,35 @@ def train_group_policy(
             timestep_fraction=cfg.timestep_fraction,
             grad_clip=cfg.grad_clip,
             generator=g,
+            sync_grads=ranks.sync_grads if ranks.active else None,
         )
-        groups = batch.rewards.reshape(-1, G)
+        groups = rewards.reshape(-1, G)
         row = {
-            "reward_mean": float(batch.rewards.mean()),
-            "reward_std": float(batch.rewards.std(unbiased=False)),
-            **stats,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            **ranks.mean_scalars(stats),
             "zero_std_groups": float((groups.std(1, unbiased=False) == 0).float().mean()),
             "sample_s": t1 - t0,
             "train_s": time.perf_counter() - t1,
-            **scalar_info(batch.info),
+            **ranks.mean_scalars(scalar_info(batch.info)),
         }
         if window is not None:
             row["window_start"] = float(first)
-        logger.log(it + 1, row)
+        if ranks.is_main:
+            logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt, extra={"method": method})
-    if own_logger:
-        logger.close()
-    backend.save(
-        out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
-    )
+            if ranks.is_main:
+                save_trainer_state(out, it + 1, backend, opt, extra={"method": method})
+            ranks.wait()
+    if ranks.is_main:
+        if own_logger:
+            logger.close()
+        backend.save(
+            out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
+        )
+    ranks.wait()
     return rows
 
 
@@ -401,11 +428,15 @@ def train_grpo(
     out: str | Path,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
-    """Fine-tune ``backend`` in place with Flow-GRPO; resumes from ``out``.
+    """Fine-tune ``backend`` in place with Flow-GRPO; resumes from ``out``; data-parallel over the
+    processes of ``accelerator`` when given (see :func:`train_group_policy`).
 
     ``reward_fn(images in [0, 1] (B, 3, H, W), prompts, metadata=prompt rows) -> (rewards (B,), info)``.
     Returns this call's log rows (reward_mean/std, loss, policy_loss, kl, clip_frac, approx_kl, ...).
     The final model is saved to ``out``.
     """
-    return train_group_policy(backend, reward_fn, prompts, cfg, out, "grpo", None, progress, logger)
+    return train_group_policy(
+        backend, reward_fn, prompts, cfg, out, "grpo", None, progress, logger, accelerator=accelerator
+    )

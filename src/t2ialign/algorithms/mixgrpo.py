@@ -62,6 +62,7 @@ def train_mixgrpo(
     out: str | Path,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with MixGRPO; resumes from ``out`` (the window is a function of
     the iteration). Arguments and log rows as :func:`t2ialign.algorithms.grpo.train_grpo`, plus
@@ -73,4 +74,6 @@ def train_mixgrpo(
         )
         return first, first + cfg.window_size
 
-    return train_group_policy(backend, reward_fn, prompts, cfg, out, "mixgrpo", window, progress, logger)
+    return train_group_policy(
+        backend, reward_fn, prompts, cfg, out, "mixgrpo", window, progress, logger, accelerator=accelerator
+    )

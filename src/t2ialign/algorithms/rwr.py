@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from t2ialign.algorithms.common import (
+    Ranks,
     RunLogger,
     load_trainer_state,
     save_trainer_state,
@@ -39,6 +40,27 @@ def rwr_loss(
     """
     total = weights.sum()
     weighted = (weights * model_losses).sum() / total if total > 0 else model_losses.sum() * 0.0
+    if pre_losses is None or beta == 0:
+        return weighted
+    return weighted + beta * pre_losses.mean()
+
+
+def rwr_loss_shard(
+    model_losses: torch.Tensor,
+    weights: torch.Tensor,
+    pre_losses: torch.Tensor | None,
+    beta: float,
+    global_weight: torch.Tensor,
+    world: int,
+) -> torch.Tensor:
+    """One rank's share of :func:`rwr_loss` over a global batch split evenly over ``world`` ranks:
+    ``world * sum_i w_i L_i / global_weight + beta * mean_j L_pre_j``. The mean of these over ranks
+    (what averaging the gradients computes) is :func:`rwr_loss` of the global batch."""
+    weighted = (
+        (weights * model_losses).sum() * world / global_weight
+        if global_weight > 0
+        else model_losses.sum() * 0.0
+    )
     if pre_losses is None or beta == 0:
         return weighted
     return weighted + beta * pre_losses.mean()
@@ -119,10 +141,19 @@ def train_rwr(
     pretrain_source: PretrainSource | None = None,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place by reward-weighted likelihood; resumes from ``out``.
 
     Returns the log rows (step, loss, model_loss, pre_loss). The final model is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``batch_size`` and ``pretrain_batch_size``
+    are per process: every rank draws the same global batch of N times as many (the draw a single
+    process with the global batch size would make, noise included), trains on its contiguous share
+    and the gradients are averaged (:class:`~t2ialign.algorithms.common.Ranks`), with the weighted
+    term normalised by the global weight, so a step equals one step of one process on the global
+    batch. The main process alone writes the log, checkpoints and the model; all ranks resume from
+    the same ``out`` (a changed process count resumes too, with the new global batch).
     """
     from tqdm import tqdm
 
@@ -133,18 +164,29 @@ def train_rwr(
         raise ValueError("no model samples to train on")
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ranks = Ranks(accelerator)
     start, extra = load_trainer_state(out, backend, opt)
+    ranks.broadcast_params(params)
     ema = extra.get("ema") or [p.detach().clone() for p in params]
-    truncate_log(out, start)
-    logger = logger or RunLogger(out, asdict(cfg))
-    n_pseudo = 0 if pseudo is None or len(pseudo) == 0 else round(cfg.batch_size * cfg.pseudo_fraction)
-    n_lab = cfg.batch_size - n_pseudo if len(labelled) else 0
+    if ranks.is_main:
+        truncate_log(out, start)
+        logger = logger or RunLogger(out, asdict(cfg))
+    batch_size = cfg.batch_size * ranks.world  # the global batch
+    pre_batch_size = cfg.pretrain_batch_size * ranks.world
+    n_pseudo = 0 if pseudo is None or len(pseudo) == 0 else round(batch_size * cfg.pseudo_fraction)
+    n_lab = batch_size - n_pseudo if len(labelled) else 0
     if n_lab == 0 and n_pseudo == 0:
-        n_pseudo = cfg.batch_size
+        n_pseudo = batch_size
+    mine = ranks.shard(batch_size)
     dev = backend.device
     rows = []
     bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc="rwr", unit="step", disable=not progress
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="rwr",
+        unit="step",
+        disable=not progress or not ranks.is_main,
     )
     for k in bar:
         g = seeded(cfg.seed, k)
@@ -154,23 +196,29 @@ def train_rwr(
             parts.append((labelled, rng.integers(len(labelled), size=n_lab)))
         if n_pseudo:
             parts.append((pseudo, rng.integers(len(pseudo), size=n_pseudo)))
-        imgs = torch.cat([d.images[i] for d, i in parts]).to(dev)
-        prompts = [d.prompts[j] for d, i in parts for j in i]
-        w = torch.cat([d.weights[i] for d, i in parts]).to(dev)
+        imgs = torch.cat([d.images[i] for d, i in parts])[mine].to(dev)
+        prompts = [d.prompts[j] for d, i in parts for j in i][mine]
+        w = torch.cat([d.weights[i] for d, i in parts])[mine].to(dev)
         x0 = backend.encode_images(imgs)
-        eps = torch.randn(x0.shape, generator=g).to(dev)
-        s = torch.rand(x0.shape[0], generator=g).to(dev)
+        # the noise of the global batch, this rank's share: any process count draws the same
+        eps = torch.randn((batch_size, *x0.shape[1:]), generator=g)[mine].to(dev)
+        s = torch.rand(batch_size, generator=g)[mine].to(dev)
         model_losses = denoising_loss(backend, x0, backend.encode(prompts), eps, s)
         pre_losses = None
         if cfg.beta > 0 and cfg.pretrain_batch_size > 0:
-            pimgs, pprompts = pretrain_source(k, cfg.pretrain_batch_size)
-            px0 = backend.encode_images(pimgs.to(dev))
-            peps = torch.randn(px0.shape, generator=g).to(dev)
-            ps = torch.rand(px0.shape[0], generator=g).to(dev)
-            pre_losses = denoising_loss(backend, px0, backend.encode(pprompts), peps, ps)
-        loss = rwr_loss(model_losses, w, pre_losses, cfg.beta)
+            pmine = ranks.shard(pre_batch_size)
+            pimgs, pprompts = pretrain_source(k, pre_batch_size)
+            px0 = backend.encode_images(pimgs[pmine].to(dev))
+            peps = torch.randn((pre_batch_size, *px0.shape[1:]), generator=g)[pmine].to(dev)
+            ps = torch.rand(pre_batch_size, generator=g)[pmine].to(dev)
+            pre_losses = denoising_loss(backend, px0, backend.encode(list(pprompts)[pmine]), peps, ps)
+        if ranks.active:
+            loss = rwr_loss_shard(model_losses, w, pre_losses, cfg.beta, ranks.all_sum(w.sum()), ranks.world)
+        else:
+            loss = rwr_loss(model_losses, w, pre_losses, cfg.beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         with torch.no_grad():
@@ -183,15 +231,24 @@ def train_rwr(
             "pre_loss": float(pre_losses.detach().mean()) if pre_losses is not None else 0.0,
             "mean_weight": float(w.mean()),
         }
-        logger.log(k + 1, row)
+        if ranks.active:  # the global batch's values (equal shards: means of the ranks' means)
+            wl, ws = ranks.all_sum(torch.stack([(w * ml).sum(), w.sum()])).tolist()
+            row = {**ranks.mean_scalars(row), "model_loss": wl / max(ws, 1e-8)}
+        if ranks.is_main:
+            logger.log(k + 1, row)
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema})
-    logger.close()
+            if ranks.is_main:
+                save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema})
+            ranks.wait()
+    if ranks.is_main:
+        logger.close()
     if cfg.ema > 0:
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 p.copy_(pe)
-    backend.save(out, card={"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id})
+    if ranks.is_main:
+        backend.save(out, card={"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id})
+    ranks.wait()
     return rows
