@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def add_parsers(sub) -> None:
         "label",
         help="label images: the web app, annotators, simulated raters, stats, exports, imports",
         description="Label images: the web app, annotators, simulated raters, stats, exports, imports.",
+        epilog="example:\n  t2ialign label add-annotator alice --project proj && "
+        "t2ialign label serve --project proj",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     lsub = label.add_subparsers(dest="label_command", metavar="WHAT", required=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ def add_parsers(sub) -> None:
         "world",
         help="the embedded shapes world: prompt suites, renders, a showcase",
         description="The embedded shapes world: prompt suites, renders, a showcase.",
+        epilog="example:\n  t2ialign world prompts --suite seen --out seen.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     wsub = w.add_subparsers(dest="world_command", metavar="WHAT", required=True)
 
