@@ -84,6 +84,24 @@ def rwr_data_from_store(
     return WeightedSamples(x, prompts, weights_from(weight, torch.from_numpy(labels), rewards, threshold))
 
 
+def pairs_from_store(store, simulated: bool | None = None):
+    """The project's active pairwise comparisons as Diffusion-DPO pairs (winner, loser, prompt), in
+    comparison order; ties carry no preference and are left out."""
+    from t2ialign.algorithms.dpo import PairSamples
+
+    pairs = [p for p in store.pairs(simulated=simulated) if not p.tie]
+    if not pairs:
+        raise ValueError(
+            "the project has no decided pairwise comparisons yet: compare some images first "
+            "('t2ialign label serve' or 'label simulate')"
+        )
+    return PairSamples(
+        to_tensor(np.stack([p.img_w for p in pairs])),
+        to_tensor(np.stack([p.img_l for p in pairs])),
+        [p.prompt for p in pairs],
+    )
+
+
 def pseudo_labelled(
     generator,
     prompt_rows: list[dict],

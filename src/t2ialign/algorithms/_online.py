@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from t2ialign.algorithms.common import rollout
+from t2ialign.algorithms.common import Ranks, rollout
 from t2ialign.backends.base import denoising_loss
 
 
@@ -77,11 +77,23 @@ def check_pretrain(weight: float, batch_size: int, pretrain_source) -> bool:
 
 
 def pretrain_losses(
-    backend, pretrain_source, step: int, batch_size: int, generator: torch.Generator
+    backend,
+    pretrain_source,
+    step: int,
+    batch_size: int,
+    generator: torch.Generator,
+    ranks: Ranks | None = None,
 ) -> torch.Tensor:
-    """The denoising loss (B,) on batch ``step`` of the pre-training data (the "keep fidelity" term)."""
-    images, texts = pretrain_source(step, batch_size)
-    x0 = backend.encode_images(images.to(backend.device))
-    eps = torch.randn(x0.shape, generator=generator).to(backend.device)
-    s = torch.rand(x0.shape[0], generator=generator).to(backend.device)
-    return denoising_loss(backend, x0, backend.encode(list(texts)), eps, s)
+    """The denoising loss (B,) on batch ``step`` of the pre-training data (the "keep fidelity" term).
+
+    With ``ranks`` of N > 1 processes, ``batch_size`` is per process: the source's batch ``step`` of
+    N * batch_size is drawn with the noise of that global batch, and this rank takes its contiguous
+    share of both (so N processes x B see what one process x N*B would)."""
+    world = 1 if ranks is None else ranks.world
+    n = batch_size * world
+    mine = slice(0, n) if world == 1 else ranks.shard(n)
+    images, texts = pretrain_source(step, n)
+    x0 = backend.encode_images(images[mine].to(backend.device))
+    eps = torch.randn((n, *x0.shape[1:]), generator=generator)[mine].to(backend.device)
+    s = torch.rand(n, generator=generator)[mine].to(backend.device)
+    return denoising_loss(backend, x0, backend.encode(list(texts)[mine]), eps, s)

@@ -206,6 +206,10 @@ def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: l
 # ---- data parallelism (Hugging Face Accelerate) --------------------------------------------------
 
 
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+"""Accelerate's distributed types that shard the model or the optimiser, refused by :class:`Ranks`."""
+
+
 class Ranks:
     """The data-parallel view of an optional ``accelerate.Accelerator``: which shard of a global batch
     this process owns, collectives over ranks, and who writes logs and checkpoints.
@@ -221,6 +225,14 @@ class Ranks:
     """
 
     def __init__(self, accelerator=None):
+        kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
+        if kind in SHARDED:
+            raise ValueError(
+                f"this accelerator is set up for {kind} (sharded weights or optimiser state), which the "
+                "t2ialign trainers do not support yet: they train replicated weights with a data-parallel "
+                "gradient average. Launch with a DDP config (configs/accelerate/ddp_multi_gpu.yaml, "
+                "multi_node.yaml) instead."
+            )
         self.acc = accelerator
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
         self.world = int(accelerator.num_processes) if accelerator is not None else 1
@@ -250,8 +262,11 @@ class Ranks:
         return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 7919 + self.rank * 2**40)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate the ranks' tensors (equal shapes) along dim 0, in rank order."""
-        return self.acc.gather(t.contiguous()) if self.active else t
+        """Concatenate the ranks' tensors (equal shapes) along dim 0, in rank order (on ``t``'s device;
+        the collective itself runs on the accelerator's)."""
+        if not self.active:
+            return t
+        return self.acc.gather(t.contiguous().to(self.device)).to(t.device)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.active:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2ialign.algorithms.common import RunLogger, save_trainer_state, seeded, setup_trainable
+from t2ialign.algorithms.common import Ranks, RunLogger, save_trainer_state, setup_trainable
 from t2ialign.algorithms.grpo import (
     check_prompts,
     collect_rollouts,
@@ -77,7 +77,8 @@ class DDPOConfig:
     iterations: int = 100
     """Outer iterations, each: sample, score, then optimise on the samples."""
     batch_size: int = 32
-    """Samples per iteration, one prompt drawn uniformly (with replacement) per sample (256 published)."""
+    """Samples per iteration, one prompt drawn uniformly (with replacement) per sample (256 published);
+    global under Accelerate (split over the processes)."""
     train_steps: int = 10
     """Denoising steps of the sampled (and trained) chains (50 published; evaluation uses 20 here)."""
     guidance: float = 3.0
@@ -97,7 +98,7 @@ class DDPOConfig:
     inner_epochs: int = 1
     """Passes over each iteration's samples ('sf' needs 1: it is on-policy)."""
     minibatch_size: int = 16
-    """Samples per optimiser step."""
+    """Samples per optimiser step (per process under Accelerate)."""
     timestep_fraction: float = 1.0
     """Share of the chain's steps trained per minibatch (a random subset; 1 trains every step)."""
     lr: float = 3e-4
@@ -152,6 +153,7 @@ def train_ddpo(
     out: str | Path,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with DDPO (any backend: it only calls ``stochastic_step``);
     resumes from ``out``.
@@ -159,6 +161,14 @@ def train_ddpo(
     ``reward_fn(images in [0, 1] (B, 3, H, W), prompts, metadata=prompt rows) -> (rewards (B,), info)``.
     Returns this call's log rows (reward_mean/std, loss, clip_frac, approx_kl, ...). The final model
     is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``batch_size`` is global: every rank draws the
+    same ``batch_size`` prompts, samples and scores its contiguous share (which must split evenly,
+    with its own noise stream), and the rewards are gathered, so the per-prompt statistics (or the
+    batch's) see the global batch and every rank holds the same tracker. Each rank then trains on
+    its slice of the advantages, ``minibatch_size`` samples per process per optimiser step, with the
+    gradients averaged over ranks (:class:`~t2ialign.algorithms.common.Ranks`). The main process
+    alone writes the log, checkpoints and the model; every rank resumes from the same ``out``.
     """
     from tqdm import tqdm
 
@@ -166,11 +176,15 @@ def train_ddpo(
     check_prompts(prompts)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, extra = resume(out, backend, opt, "ddpo")
+    ranks = Ranks(accelerator)
+    mine = ranks.shard(cfg.batch_size)  # fails early on an uneven split
+    start, extra = resume(out, backend, opt, "ddpo", truncate=ranks.is_main)
+    ranks.broadcast_params(params)
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
     tracker.load_state_dict(extra.get("stats", {}))
     own_logger = logger is None
-    logger = logger or RunLogger(out, {"method": "ddpo", **asdict(cfg)})
+    if ranks.is_main:
+        logger = logger or RunLogger(out, {"method": "ddpo", **asdict(cfg)})
     if cfg.variant == "is":
 
         def step_loss(lp, old, a):
@@ -188,19 +202,20 @@ def train_ddpo(
         total=cfg.iterations,
         desc="ddpo",
         unit="it",
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
     )
     for it in bar:
-        g = seeded(cfg.seed, it)
+        g = ranks.generator(cfg.seed, it)
         rng = np.random.default_rng([cfg.seed, it])
         chosen = [prompts[int(i)] for i in rng.integers(len(prompts), size=cfg.batch_size)]
         t0 = time.perf_counter()
-        batch = collect_rollouts(backend, reward_fn, chosen, cfg.train_steps, cfg.guidance, None, g)
+        batch = collect_rollouts(backend, reward_fn, chosen[mine], cfg.train_steps, cfg.guidance, None, g)
+        rewards = ranks.gather(batch.rewards)  # the global batch, in rank order (= the order of chosen)
         if cfg.per_prompt_stats:
-            adv = tracker.update(batch.prompts, batch.rewards)
+            adv = tracker.update([r["prompt"] for r in chosen], rewards)
         else:
-            adv = (batch.rewards - batch.rewards.mean()) / (batch.rewards.std(unbiased=False) + 1e-6)
-        adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+            adv = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+        adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)[mine]
         t1 = time.perf_counter()
         stats = optimise_policy(
             backend,
@@ -219,22 +234,28 @@ def train_ddpo(
             timestep_fraction=cfg.timestep_fraction,
             grad_clip=cfg.grad_clip,
             generator=g,
+            sync_grads=ranks.sync_grads if ranks.active else None,
         )
         row = {
-            "reward_mean": float(batch.rewards.mean()),
-            "reward_std": float(batch.rewards.std(unbiased=False)),
-            **stats,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            **ranks.mean_scalars(stats),
             "sample_s": t1 - t0,
             "train_s": time.perf_counter() - t1,
-            **scalar_info(batch.info),
+            **ranks.mean_scalars(scalar_info(batch.info)),
         }
-        logger.log(it + 1, row)
+        if ranks.is_main:
+            logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            extra = {"method": "ddpo", "stats": tracker.state_dict()}
-            save_trainer_state(out, it + 1, backend, opt, extra=extra)
-    if own_logger:
-        logger.close()
-    backend.save(out, card={"method": "ddpo", "ddpo_config": asdict(cfg), "base_model": backend.model_id})
+            if ranks.is_main:
+                extra = {"method": "ddpo", "stats": tracker.state_dict()}
+                save_trainer_state(out, it + 1, backend, opt, extra=extra)
+            ranks.wait()
+    if ranks.is_main:
+        if own_logger:
+            logger.close()
+        backend.save(out, card={"method": "ddpo", "ddpo_config": asdict(cfg), "base_model": backend.model_id})
+    ranks.wait()
     return rows

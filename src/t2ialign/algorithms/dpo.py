@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.algorithms.common import (
+    Ranks,
     RunLogger,
     load_trainer_state,
     save_trainer_state,
@@ -115,11 +116,20 @@ def train_dpo(
     out: str | Path,
     progress: bool = True,
     logger: RunLogger | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with Diffusion-DPO on ``pairs``; resumes from ``out``.
 
     Returns this run's log rows (loss, implicit_acc = share of pairs with d < 0, d_mean, model_mse,
     ref_mse); the final model is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``batch_size`` is per process: every rank
+    draws the same global batch of N times as many pairs (the draw one process with the global batch
+    size would make, noise included), trains on its contiguous share and the gradients are averaged
+    (:class:`~t2ialign.algorithms.common.Ranks`). The loss is the mean over the rank's pairs, so the
+    average over ranks is the mean over the global batch: a step of 2 processes x B pairs equals one
+    of 1 process x 2B pairs. The logged values are the global batch's. The main process alone writes
+    the log, checkpoints and the model; all ranks resume from the same ``out``.
     """
     from tqdm import tqdm
 
@@ -128,21 +138,32 @@ def train_dpo(
         raise ValueError("no preference pairs to train on")
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ranks = Ranks(accelerator)
     start, _ = load_trainer_state(out, backend, opt)
-    truncate_log(out, start)
-    logger = logger or RunLogger(out, asdict(cfg))
+    ranks.broadcast_params(params)
+    if ranks.is_main:
+        truncate_log(out, start)
+        logger = logger or RunLogger(out, asdict(cfg))
+    batch_size = cfg.batch_size * ranks.world  # the global batch
+    mine = ranks.shard(batch_size)
     dev = backend.device
     rows = []
     bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc="dpo", unit="step", disable=not progress
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc="dpo",
+        unit="step",
+        disable=not progress or not ranks.is_main,
     )
     for k in bar:
         g = seeded(cfg.seed, k)
-        idx = torch.randint(len(pairs), (cfg.batch_size,), generator=g)
+        # the global batch's pairs and noise, this rank's share: any process count draws the same
+        idx = torch.randint(len(pairs), (batch_size,), generator=g)[mine]
         texts = [pairs.prompts[int(i)] for i in idx]
         x0 = backend.encode_images(torch.cat([pairs.winners[idx], pairs.losers[idx]]).to(dev))
-        eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g).to(dev)
-        s = torch.rand(cfg.batch_size, generator=g).to(dev)
+        eps = torch.randn((batch_size, *x0.shape[1:]), generator=g)[mine].to(dev)
+        s = torch.rand(batch_size, generator=g)[mine].to(dev)
         eps, s = torch.cat([eps, eps]), torch.cat([s, s])  # the same noise for winner and loser
         cond = backend.encode(texts + texts)
         x_s, target = backend.add_noise(x0, eps, s), backend.target(x0, eps, s)
@@ -154,6 +175,7 @@ def train_dpo(
         loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         d = ((err_w - ref_w) - (err_l - ref_l)).detach()
@@ -164,11 +186,17 @@ def train_dpo(
             "model_mse": float(err.detach().mean()),
             "ref_mse": float(ref_err.mean()),
         }
-        logger.log(k + 1, row)
+        row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
+        if ranks.is_main:
+            logger.log(k + 1, row)
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            save_trainer_state(out, k + 1, backend, opt)
-    logger.close()
-    backend.save(out, card={"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id})
+            if ranks.is_main:
+                save_trainer_state(out, k + 1, backend, opt)
+            ranks.wait()
+    if ranks.is_main:
+        logger.close()
+        backend.save(out, card={"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id})
+    ranks.wait()
     return rows

@@ -48,6 +48,7 @@ from t2ialign.algorithms._online import (
     swapped_weights,
 )
 from t2ialign.algorithms.common import (
+    Ranks,
     RunLogger,
     call_reward,
     load_trainer_state,
@@ -136,9 +137,9 @@ class NFTConfig:
     iterations: int = 100
     """Sample-score-train iterations."""
     prompts_per_iter: int = 8
-    """Prompts drawn per iteration (without replacement while the list lasts)."""
+    """Prompts drawn per iteration (without replacement while the list lasts); global under Accelerate."""
     group_size: int = 8
-    """Images per prompt (G); advantages are relative to the group."""
+    """Images per prompt (G); advantages are relative to the group (global under Accelerate)."""
     sample_steps: int = 10
     """Sampler steps of the old policy."""
     sampler: str = "ode"
@@ -156,7 +157,7 @@ class NFTConfig:
     """Error measure of the loss: "velocity" (METHODS.md) or "x0_adaptive" (the reference code's x0-space
     error over its detached mean; see nft_loss)."""
     train_batch_size: int = 16
-    """Samples per gradient step."""
+    """Samples per gradient step (per process under Accelerate)."""
     inner_epochs: int = 1
     """Passes over each iteration's samples, each with fresh (s, eps)."""
     kl_weight: float = 0.0
@@ -164,7 +165,7 @@ class NFTConfig:
     pretrain_weight: float = 0.0
     """Weight of the denoising loss on pre-training data (0: off)."""
     pretrain_batch_size: int = 16
-    """Pre-training samples per gradient step when pretrain_weight > 0."""
+    """Pre-training samples per gradient step when pretrain_weight > 0 (per process under Accelerate)."""
     ema_rate: float = 0.01
     """The old policy's EMA decay grows by this much per iteration ..."""
     ema_max: float = 0.5
@@ -230,11 +231,23 @@ def train_nft(
     progress: bool = True,
     logger: RunLogger | None = None,
     pretrain_source: PretrainSource | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with DiffusionNFT; resumes from ``out``.
 
     ``prompts`` are rows with at least "prompt" (they are passed to ``reward_fn`` as metadata).
     Returns this run's log rows (one per iteration); the final model is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``prompts_per_iter`` and ``group_size`` are
+    global: every rank draws the same prompts, and the iteration's ``prompts_per_iter * group_size``
+    samples (which must split evenly over the ranks) are sharded contiguously, so a group may span
+    ranks. Each rank samples and scores its share with its own noise stream; the rewards are
+    gathered and the optimality probabilities computed over the global groups (or the global
+    batch's std). Each rank trains on its share, ``train_batch_size`` samples per process per
+    gradient step (``pretrain_batch_size`` per process too: each rank takes its share of the
+    pre-training batch), with the gradients averaged over ranks, so the weights, and with them the
+    EMA old policy, stay identical on every rank. The main process alone writes the log,
+    checkpoints and the model; every rank resumes from the same ``out``.
     """
     from tqdm import tqdm
 
@@ -245,15 +258,20 @@ def train_nft(
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ranks = Ranks(accelerator)
+    mine = ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fails early on an uneven split
     start, extra = load_trainer_state(out, backend, opt)
+    ranks.broadcast_params(params)
     dev = backend.device
     ema = {k: v.to(dev) for k, v in (extra.get("ema") or backend.state_dict_trainable()).items()}
-    truncate_log(out, start)
-    logger = logger or RunLogger(out, asdict(cfg))
+    if ranks.is_main:
+        truncate_log(out, start)
+        logger = logger or RunLogger(out, asdict(cfg))
+    # N: this process's samples per iteration (all of them in one process)
     P, G, N, B = (
         cfg.prompts_per_iter,
         cfg.group_size,
-        cfg.prompts_per_iter * cfg.group_size,
+        cfg.prompts_per_iter * cfg.group_size // ranks.world,
         cfg.train_batch_size,
     )
     steps_per_iter = cfg.inner_epochs * -(-N // B)
@@ -265,19 +283,23 @@ def train_nft(
         total=cfg.iterations,
         desc="nft",
         unit="it",
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
     )
     for it in bar:
         g = seeded(cfg.seed, it)
-        meta = [row for row in pick_rows(prompts, P, g) for _ in range(G)]
+        # the same prompts on every rank; this rank's share of the global groups
+        meta = [row for row in pick_rows(prompts, P, g) for _ in range(G)][mine]
+        if ranks.rank:  # rank 0 goes on with the stream of one process, the others with their own
+            g = ranks.generator(cfg.seed, it)
         texts = [row["prompt"] for row in meta]
         cond = backend.encode(texts)
         with torch.no_grad(), swapped_weights(backend, ema):
             x0 = sample_latents(backend, cond, N, cfg.sample_steps, cfg.guidance, g, cfg.sampler)
             images = backend.decode(x0)
-        rewards, info = call_reward(reward_fn, images, texts, meta)
-        r, adv = nft_optimality(rewards, G, cfg.adv_clip, cfg.normaliser)
-        r = r.to(dev)
+        local_rewards, info = call_reward(reward_fn, images, texts, meta)
+        rewards = ranks.gather(local_rewards)  # the global groups, in rank order
+        r_all, adv = nft_optimality(rewards, G, cfg.adv_clip, cfg.normaliser)
+        r = r_all[mine].to(dev)
         s_all = torch.rand(cfg.inner_epochs, N, generator=g).to(dev)
         eps_all = torch.randn(cfg.inner_epochs, N, *x0.shape[1:], generator=g).to(dev)
         orders = [torch.randperm(N, generator=g) for _ in range(cfg.inner_epochs)]
@@ -310,12 +332,18 @@ def train_nft(
                     stats["kl"] += kl.item() / steps_per_iter
                 if use_pre:
                     pre = pretrain_losses(
-                        backend, pretrain_source, it * steps_per_iter + j, cfg.pretrain_batch_size, g
+                        backend,
+                        pretrain_source,
+                        it * steps_per_iter + j,
+                        cfg.pretrain_batch_size,
+                        g,
+                        ranks,
                     ).mean()
                     loss = loss + cfg.pretrain_weight * pre
                     stats["pre_loss"] += pre.item() / steps_per_iter
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                ranks.sync_grads(params)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 stats["loss"] += loss.item() / steps_per_iter
@@ -330,20 +358,25 @@ def train_nft(
                 ema[k].mul_(eta).add_(w, alpha=1 - eta)
         zero_std = (rewards.reshape(-1, G).std(1, correction=0) == 0).float().mean()
         row = {
-            **stats,
+            **ranks.mean_scalars(stats),
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(correction=0)),
-            "r_mean": float(r.mean()),
+            "r_mean": float(r_all.to(dev).mean()),
             "adv_abs_mean": float(adv.abs().mean()),
             "zero_std_groups": float(zero_std),
             "ema_decay": eta,
-            **scalar_info(info),
+            **ranks.mean_scalars(scalar_info(info)),
         }
-        logger.log(it + 1, row)
+        if ranks.is_main:
+            logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema})
-    logger.close()
-    backend.save(out, card={"method": "nft", "nft_config": asdict(cfg), "base_model": backend.model_id})
+            if ranks.is_main:
+                save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema})
+            ranks.wait()
+    if ranks.is_main:
+        logger.close()
+        backend.save(out, card={"method": "nft", "nft_config": asdict(cfg), "base_model": backend.model_id})
+    ranks.wait()
     return rows

@@ -26,6 +26,7 @@ from t2ialign.algorithms._online import (
     scalar_info,
 )
 from t2ialign.algorithms.common import (
+    Ranks,
     RunLogger,
     call_reward,
     load_trainer_state,
@@ -56,9 +57,9 @@ class RAFTConfig:
     rounds: int = 10
     """Sample-filter-train rounds."""
     prompts_per_round: int = 32
-    """Prompts drawn per round (without replacement while the list lasts)."""
+    """Prompts drawn per round (without replacement while the list lasts); global under Accelerate."""
     samples_per_prompt: int = 8
-    """K: images sampled per prompt, of which the best is kept."""
+    """K: images sampled per prompt, of which the best is kept (global under Accelerate)."""
     sample_steps: int = 20
     """Euler ODE steps when sampling."""
     guidance: float = 3.0
@@ -68,11 +69,11 @@ class RAFTConfig:
     steps_per_round: int = 20
     """Gradient steps on each round's kept samples."""
     batch_size: int = 16
-    """Kept samples per gradient step (drawn with replacement)."""
+    """Kept samples per gradient step (drawn with replacement; per process under Accelerate)."""
     pretrain_weight: float = 0.0
     """Weight of the denoising loss on pre-training data (0: off)."""
     pretrain_batch_size: int = 16
-    """Pre-training samples per gradient step when pretrain_weight > 0."""
+    """Pre-training samples per gradient step when pretrain_weight > 0 (per process under Accelerate)."""
     lr: float = 1e-4
     """AdamW learning rate."""
     lora_rank: int = 0
@@ -115,10 +116,22 @@ def train_raft(
     progress: bool = True,
     logger: RunLogger | None = None,
     pretrain_source: PretrainSource | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with RAFT; resumes from ``out`` (at a round boundary).
 
     Returns this run's log rows (one per round); the final model is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``prompts_per_round`` and
+    ``samples_per_prompt`` are global: every rank draws the same prompts, and the round's
+    ``prompts_per_round * samples_per_prompt`` samples (which must split evenly over the ranks) are
+    sharded contiguously, so a prompt's K samples may span ranks. Each rank samples and scores its
+    share with its own noise stream; the rewards are gathered, the best of K is selected over the
+    global set and every rank receives all kept latents (one all-reduce of the kept samples only).
+    Fine-tuning is data-parallel: each rank draws ``batch_size`` kept samples per gradient step
+    (``pretrain_batch_size`` per process too: each rank takes its share of the pre-training batch)
+    with its own noise, and the gradients are averaged over ranks. The main process alone writes the
+    log, checkpoints and the model; every rank resumes from the same ``out``.
     """
     from tqdm import tqdm
 
@@ -127,9 +140,13 @@ def train_raft(
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ranks = Ranks(accelerator)
+    mine = ranks.shard(cfg.prompts_per_round * cfg.samples_per_prompt)  # fails early on an uneven split
     start, _ = load_trainer_state(out, backend, opt)
-    truncate_log(out, start)
-    logger = logger or RunLogger(out, asdict(cfg))
+    ranks.broadcast_params(params)
+    if ranks.is_main:
+        truncate_log(out, start)
+        logger = logger or RunLogger(out, asdict(cfg))
     dev = backend.device
     K = cfg.samples_per_prompt
     rows = []
@@ -139,19 +156,31 @@ def train_raft(
         total=cfg.rounds,
         desc="raft",
         unit="round",
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
     )
     for rnd in bar:
         g = seeded(cfg.seed, rnd)
-        meta = [row for row in pick_rows(prompts, cfg.prompts_per_round, g) for _ in range(K)]
+        # the same prompts on every rank; this rank samples its share of the global set
+        meta_all = [row for row in pick_rows(prompts, cfg.prompts_per_round, g) for _ in range(K)]
+        if ranks.rank:  # rank 0 goes on with the stream of one process, the others with their own
+            g = ranks.generator(cfg.seed, rnd)
+        meta = meta_all[mine]
         texts = [row["prompt"] for row in meta]
         cond = backend.encode(texts)
         x0 = sample_latents(backend, cond, len(texts), cfg.sample_steps, cfg.guidance, g)
         with torch.no_grad():
             images = backend.decode(x0)
-        rewards, info = call_reward(reward_fn, images, texts, meta)
-        keep = raft_select(rewards, K, cfg.min_reward)
-        kept_x0, kept_cond = x0[keep.to(dev)], cond.index(keep.to(dev))
+        local_rewards, info = call_reward(reward_fn, images, texts, meta)
+        rewards = ranks.gather(local_rewards)  # the global set, in rank order
+        keep = raft_select(rewards, K, cfg.min_reward)  # indices into the global set
+        if not ranks.active:
+            kept_x0, kept_cond = x0[keep.to(dev)], cond.index(keep.to(dev))
+        elif len(keep):  # every rank gets the kept latents: each fills in its own, then a sum
+            own = (keep >= mine.start) & (keep < mine.stop)
+            kept_x0 = x0.new_zeros((len(keep), *x0.shape[1:]))
+            kept_x0[own.to(dev)] = x0[(keep[own] - mine.start).to(dev)]
+            kept_x0 = ranks.all_sum(kept_x0)
+            kept_cond = backend.encode([meta_all[int(i)]["prompt"] for i in keep])
         losses, pre_sum = [], 0.0
         if len(keep):
             for j in range(cfg.steps_per_round):
@@ -162,28 +191,38 @@ def train_raft(
                 losses.append(loss.item())
                 if use_pre:
                     pre = pretrain_losses(
-                        backend, pretrain_source, rnd * cfg.steps_per_round + j, cfg.pretrain_batch_size, g
+                        backend,
+                        pretrain_source,
+                        rnd * cfg.steps_per_round + j,
+                        cfg.pretrain_batch_size,
+                        g,
+                        ranks,
                     ).mean()
                     loss = loss + cfg.pretrain_weight * pre
                     pre_sum += pre.item()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                ranks.sync_grads(params)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
         n_steps = max(1, len(losses))
         row = {
-            "loss": sum(losses) / n_steps,
-            "pre_loss": pre_sum / n_steps,
+            **ranks.mean_scalars({"loss": sum(losses) / n_steps, "pre_loss": pre_sum / n_steps}),
             "reward_mean": float(rewards.mean()),
             "kept_reward_mean": float(rewards[keep].mean()) if len(keep) else 0.0,
             "kept": float(len(keep)),
-            **scalar_info(info),
+            **ranks.mean_scalars(scalar_info(info)),
         }
-        logger.log(rnd + 1, row)
+        if ranks.is_main:
+            logger.log(rnd + 1, row)
         rows.append({"step": rnd + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kept=len(keep))
         if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
-            save_trainer_state(out, rnd + 1, backend, opt)
-    logger.close()
-    backend.save(out, card={"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id})
+            if ranks.is_main:
+                save_trainer_state(out, rnd + 1, backend, opt)
+            ranks.wait()
+    if ranks.is_main:
+        logger.close()
+        backend.save(out, card={"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id})
+    ranks.wait()
     return rows

@@ -35,6 +35,7 @@ from t2ialign.algorithms._online import (
     scalar_info,
 )
 from t2ialign.algorithms.common import (
+    Ranks,
     RunLogger,
     call_reward,
     load_trainer_state,
@@ -87,17 +88,29 @@ def draft_images(
 
 
 def draft_lv_images(
-    backend, cond, x1: torch.Tensor, grid: torch.Tensor, n: int, guidance: float, generator: torch.Generator
+    backend,
+    cond,
+    x1: torch.Tensor,
+    grid: torch.Tensor,
+    n: int,
+    guidance: float,
+    generator: torch.Generator,
+    shard: tuple[int, slice] | None = None,
 ) -> torch.Tensor:
     """DRaFT-LV's images: the chain without gradient, its x0 re-noised ``n`` times to ``grid[-2]`` and
-    denoised by one Euler step with gradient: (n * B, 3, H, W), the i-th block from the i-th noise."""
+    denoised by one Euler step with gradient: (n * B, 3, H, W), the i-th block from the i-th noise.
+    ``shard = (global_batch, rows)``: ``x1`` holds rows ``rows`` of a global batch, and each
+    re-noising is drawn for the global batch and cut to those rows (data parallelism)."""
     steps = len(grid) - 1
     with torch.no_grad():
         x0 = _euler(backend, cond, x1, grid, 0, steps, guidance)
     s = torch.full((x0.shape[0],), float(grid[-2]), device=x0.device)
     outs = []
     for _ in range(n):
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        if shard is None:
+            eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        else:
+            eps = torch.randn((shard[0], *x0.shape[1:]), generator=generator)[shard[1]].to(x0.device)
         x = backend.add_noise(x0, eps, s)
         outs.append(backend.decode(_euler(backend, cond, x, grid, steps - 1, steps, guidance)))
     return torch.cat(outs)
@@ -178,7 +191,16 @@ class DRaFTConfig(RewardGradConfig):
 
 
 def _train_reward_gradient(
-    method: str, backend, reward_fn, prompts, cfg: RewardGradConfig, out, progress, logger, pretrain_source
+    method: str,
+    backend,
+    reward_fn,
+    prompts,
+    cfg: RewardGradConfig,
+    out,
+    progress,
+    logger,
+    pretrain_source,
+    accelerator=None,
 ) -> list[dict]:
     """The loop ReFL and DRaFT share: only the way the images are made differs."""
     from tqdm import tqdm
@@ -188,9 +210,14 @@ def _train_reward_gradient(
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ranks = Ranks(accelerator)
     start, _ = load_trainer_state(out, backend, opt)
-    truncate_log(out, start)
-    logger = logger or RunLogger(out, asdict(cfg))
+    ranks.broadcast_params(params)
+    if ranks.is_main:
+        truncate_log(out, start)
+        logger = logger or RunLogger(out, asdict(cfg))
+    batch_size = cfg.batch_size * ranks.world  # the global batch
+    mine = ranks.shard(batch_size)
     dev = backend.device
     grid = backend.timesteps(cfg.sample_steps)
     rows = []
@@ -200,21 +227,23 @@ def _train_reward_gradient(
         total=cfg.iterations,
         desc=method,
         unit="step",
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
     )
     for it in bar:
         g = seeded(cfg.seed, it)
-        meta = pick_rows(prompts, cfg.batch_size, g)
+        # the global batch's prompts and noise, this rank's share: any process count draws the same
+        meta = pick_rows(prompts, batch_size, g)[mine]
         texts = [row["prompt"] for row in meta]
         cond = backend.encode(texts)
-        x1 = torch.randn((len(texts), *backend.latent_shape), generator=g).to(dev)
+        x1 = torch.randn((batch_size, *backend.latent_shape), generator=g)[mine].to(dev)
         extra = {}
         if method == "refl":
             k = cfg.sample_steps - 1 - int(torch.randint(cfg.late_steps, (1,), generator=g))
             images = refl_images(backend, cond, x1, grid, k, cfg.guidance)
             extra["stop_step"] = float(k)
         elif cfg.lv_samples > 0:
-            images = draft_lv_images(backend, cond, x1, grid, cfg.lv_samples, cfg.guidance, g)
+            shard = (batch_size, mine) if ranks.active else None
+            images = draft_lv_images(backend, cond, x1, grid, cfg.lv_samples, cfg.guidance, g, shard)
             meta = meta * cfg.lv_samples
             texts = texts * cfg.lv_samples
         else:
@@ -229,11 +258,12 @@ def _train_reward_gradient(
         loss = reward_loss
         pre_loss = 0.0
         if use_pre:
-            pre = pretrain_losses(backend, pretrain_source, it, cfg.pretrain_batch_size, g).mean()
+            pre = pretrain_losses(backend, pretrain_source, it, cfg.pretrain_batch_size, g, ranks).mean()
             loss = loss + cfg.pretrain_weight * pre
             pre_loss = pre.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sync_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         row = {
@@ -245,15 +275,21 @@ def _train_reward_gradient(
             **extra,
             **scalar_info(info),
         }
-        logger.log(it + 1, row)
+        row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
+        if ranks.is_main:
+            logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt)
-    logger.close()
-    backend.save(
-        out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
-    )
+            if ranks.is_main:
+                save_trainer_state(out, it + 1, backend, opt)
+            ranks.wait()
+    if ranks.is_main:
+        logger.close()
+        backend.save(
+            out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
+        )
+    ranks.wait()
     return rows
 
 
@@ -266,11 +302,21 @@ def train_refl(
     progress: bool = True,
     logger: RunLogger | None = None,
     pretrain_source: PretrainSource | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with ReFL; resumes from ``out``. ``reward_fn`` must return rewards
-    differentiable w.r.t. the images. Returns this run's log rows; the final model is saved to ``out``."""
+    differentiable w.r.t. the images. Returns this run's log rows; the final model is saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, ``batch_size`` and ``pretrain_batch_size`` are
+    per process: every rank draws the same global batch of N times as many prompts (the draw one
+    process with the global batch size would make: prompts, noise, the stop step), samples and
+    scores its contiguous share, and the gradients are averaged
+    (:class:`~t2ialign.algorithms.common.Ranks`); the losses are means over the rank's share, so a
+    step of 2 processes x B equals one of 1 process x 2B. The logged values are the global batch's.
+    The main process alone writes the log, checkpoints and the model; all ranks resume from ``out``.
+    """
     return _train_reward_gradient(
-        "refl", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source
+        "refl", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source, accelerator
     )
 
 
@@ -283,10 +329,14 @@ def train_draft(
     progress: bool = True,
     logger: RunLogger | None = None,
     pretrain_source: PretrainSource | None = None,
+    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place with DRaFT-K (or DRaFT-LV); resumes from ``out``. ``reward_fn`` must
     return rewards differentiable w.r.t. the images. Returns this run's log rows; the final model is
-    saved to ``out``."""
+    saved to ``out``.
+
+    With an ``accelerate.Accelerator`` of N processes, data-parallel as :func:`train_refl` (per-process
+    batch sizes, the global batch's draws sharded, DRaFT-LV's re-noisings included)."""
     return _train_reward_gradient(
-        "draft", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source
+        "draft", backend, reward_fn, prompts, cfg, out, progress, logger, pretrain_source, accelerator
     )

@@ -3,16 +3,23 @@
 The CLI is the one place where names map to callables: METHOD to a trainer, REWARD to a reward
 function (``checker``, a rule reward's name, a trained reward's folder, or a weighted mix such as
 ``checker:0.7,runs/reward:0.3``).
+
+Started by ``accelerate launch`` with several processes (``accelerate launch --multi_gpu
+--num_processes 2 -m t2ialign finetune grpo ...``), ``finetune`` trains data-parallel: one
+``accelerate.Accelerator`` (on the CPU with ``--device cpu`` or without CUDA) goes to the trainer,
+each process holds the model on its own device, and the main process alone writes the run folder
+and prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import typing
 from pathlib import Path
 
-from t2ialign.cli.common import add_command
+from t2ialign.cli.common import add_command, add_model_args, finish_accelerator, launch_accelerator
 
 # METHOD -> (module, config class, train function, needs)
 METHODS = {
@@ -36,23 +43,23 @@ def add_parsers(sub) -> None:
         cmd_finetune,
         "fine-tune a generator: the seed paper's reward-weighted likelihood or an online/preference method",
         "t2ialign finetune grpo --reward checker --iterations 20 --out runs/grpo\n"
-        "  t2ialign finetune rwr --project proj --reward runs/reward --out runs/rwr",
+        "  t2ialign finetune rwr --project proj --reward runs/reward --out runs/rwr\n"
+        "  accelerate launch --multi_gpu --num_processes 2 -m t2ialign finetune grpo --reward checker "
+        "--out runs/grpo2",
     )
     p.add_argument("method", choices=list(METHODS), help="the algorithm")
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="base model: a shapes generator folder (default: the shipped one) or a diffusers "
+    add_model_args(
+        p,
+        "base model: a shapes generator folder (default: the shipped one) or a diffusers "
         "pipeline folder (SD 1.5, SDXL, SD3, FLUX)",
     )
     p.add_argument(
-        "--backend",
+        "--device",
         default=None,
-        choices=["shapes", "sd", "sdxl", "sd3", "flux"],
-        help="force the model family instead of reading it from the folder",
+        help="cpu or cuda (default: cpu for a shapes generator, cuda when available for a diffusers "
+        "pipeline; under 'accelerate launch' each process's own GPU, or the CPU with --device cpu)",
     )
-    p.add_argument("--dtype", default="float32", help="diffusers backends: float32, bf16 or fp16")
     p.add_argument(
         "--reward",
         default=None,
@@ -187,19 +194,30 @@ def cmd_finetune(args) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = apply_overrides(cfg, overrides)
+    train = getattr(mod, fn_name)
+    accelerator = launch_accelerator(args.device)
+    device = args.device
+    kwargs = {}
+    if accelerator is not None:
+        if "accelerator" not in inspect.signature(train).parameters:
+            raise ValueError(f"method {args.method!r} does not train data-parallel (no accelerator support)")
+        kwargs["accelerator"] = accelerator
+        device = accelerator.device
+        if accelerator.is_main_process:
+            print(f"{args.method}: data-parallel over {accelerator.num_processes} processes ({device.type})")
+    is_main = accelerator is None or accelerator.is_main_process
     if args.model is None:
-        backend = ShapesBackend(load_generator())
+        backend = ShapesBackend(load_generator(device=device if device is not None else "cpu"))
     else:
         from t2ialign.backends.loader import load_backend
 
-        backend = load_backend(args.model, args.backend, dtype=args.dtype)
+        backend = load_backend(args.model, args.backend, device=device, dtype=args.dtype)
     shapes = isinstance(backend, ShapesBackend)
     pre = None
     if shapes:
         from t2ialign.pipeline import world_pretrain_source
 
         pre = world_pretrain_source(size=backend.gen.config.image_size)
-    train = getattr(mod, fn_name)
     out = Path(args.out)
     if needs == "project":
         from t2ialign.feedback import FeedbackStore
@@ -219,10 +237,12 @@ def cmd_finetune(args) -> int:
             rows = [{"prompt": p} for p in dict.fromkeys(labelled.prompts)]
             if not shapes:
                 raise ValueError("--pseudo-per-prompt is implemented for the embedded world's model only")
-            pseudo = pseudo_labelled(backend.gen, rows, args.pseudo_per_prompt, reward_fn, weight="filter")
+            pseudo = pseudo_labelled(
+                backend.gen, rows, args.pseudo_per_prompt, reward_fn, weight="filter", progress=is_main
+            )
         if pre is None and cfg.beta > 0:
             raise ValueError("this model has no built-in pre-training data: add --set beta=0")
-        train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pre)
+        train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pre, **kwargs)
     elif needs == "pairs":
         from t2ialign.feedback import FeedbackStore
         from t2ialign.pipeline import pairs_from_store
@@ -232,13 +252,14 @@ def cmd_finetune(args) -> int:
         pairs = pairs_from_store(
             FeedbackStore.open(args.project), simulated=False if args.humans_only else None
         )
-        train(backend, pairs, cfg, out)
+        train(backend, pairs, cfg, out, **kwargs)
     else:
-        kwargs = {}
         if "pretrain_source" in train.__code__.co_varnames:
             kwargs["pretrain_source"] = pre
         train(backend, build_reward(args.reward), _prompt_rows(args.prompts), cfg, out, **kwargs)
-    print(f"saved the fine-tuned generator to {out}; sample it with: t2ialign sample --model {out} ...")
+    finish_accelerator(accelerator)
+    if is_main:
+        print(f"saved the fine-tuned generator to {out}; sample it with: t2ialign sample --model {out} ...")
     return 0
 
 

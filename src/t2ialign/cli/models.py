@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from t2ialign.cli.common import add_command
+from t2ialign.cli.common import add_command, add_model_args
 
 
 def add_parsers(sub) -> None:
@@ -57,8 +57,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompts", required=True, help="prompts .jsonl (from 'world prompts')")
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="generator folder (default: the shipped model)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    add_model_args(
+        p,
+        "a generator folder (default: the shipped model), a fine-tuned run folder, or a diffusers "
+        "pipeline folder (SD 1.5, SDXL, SD3, FLUX; a saved LoRA folder too)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (Euler for flow models, DDIM for SD)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight")
     p.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed + k")
 
@@ -116,12 +122,32 @@ def cmd_sample(args) -> int:
 
     if args.per_prompt < 1:
         raise ValueError("--per-prompt must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     rows = read_prompts(args.prompts)
-    model = load_generator(args.model)
+    folder = Path(args.model) if args.model is not None else None
+    diffusers = args.backend not in (None, "shapes") or (
+        folder is not None
+        and ((folder / "model_index.json").exists() or (folder / "pytorch_lora_weights.safetensors").exists())
+    )
+    if not diffusers:
+        model = load_generator(folder, device=args.device)
+    else:
+        from t2ialign.backends.loader import load_backend
+
+        if folder is None:
+            raise ValueError(f"--backend {args.backend} needs --model PATH (a diffusers pipeline folder)")
+        model = load_backend(folder, args.backend, device=args.device, dtype=args.dtype)
     expanded = [r for r in rows for _ in range(args.per_prompt)]
     seeds = [args.seed + k for k in range(len(expanded))]
     images = generate_images(
-        model, [r["prompt"] for r in expanded], seeds, steps=args.steps, guidance=args.guidance, progress=True
+        model,
+        [r["prompt"] for r in expanded],
+        seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        progress=True,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,9 @@
-"""``t2ialign reward train`` and ``t2ialign reward eval``: the reward model of the seed paper."""
+"""``t2ialign reward train`` and ``t2ialign reward eval``: the reward model of the seed paper.
+
+``reward train`` started by ``accelerate launch`` with several processes trains data-parallel (each
+batch split over the processes; see ``t2ialign.reward.train.train_reward_model``); the main process
+alone writes the checkpoint and prints.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from t2ialign.cli.common import add_command, print_table
+from t2ialign.cli.common import add_command, finish_accelerator, launch_accelerator, print_table
 
 
 def add_parsers(sub) -> None:
@@ -63,7 +68,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of prompts for validation")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (under 'accelerate launch': cuda trains on each process's own GPU)",
+    )
 
     p = add_command(
         rsub,
@@ -126,7 +135,14 @@ def cmd_train(args) -> int:
     store = _project(args.project)
     out = Path(args.out) if args.out else Path(args.project) / "reward"
     command = shlex.join(["t2ialign", *sys.argv[1:]])
-    model = train_reward_model(store, cfg, out=out, command=command)
+    accelerator = launch_accelerator(args.device)
+    if accelerator is not None and accelerator.is_main_process:
+        n, kind = accelerator.num_processes, accelerator.device.type
+        print(f"reward train: data-parallel over {n} processes ({kind})")
+    model = train_reward_model(store, cfg, out=out, command=command, accelerator=accelerator)
+    finish_accelerator(accelerator)
+    if accelerator is not None and not accelerator.is_main_process:
+        return 0
     card = model.card
     d, m = card["data"], card["metrics"]
     print(

@@ -24,6 +24,7 @@ are left out of training by default, so that they stay a test of generalisation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -163,8 +164,6 @@ class RewardData:
     def restrict(self, train_prompts) -> RewardData:
         """A copy that keeps the validation rows and the training rows of ``train_prompts`` only
         (for learning curves); embeddings are shared, not copied."""
-        import dataclasses
-
         keep_p = set(train_prompts) | set(self.val_prompts)
         keep = torch.tensor([self.texts[t] in keep_p for t in self.label_txt.tolist()], dtype=torch.bool)
         rows = torch.nonzero(keep).squeeze(1)
@@ -413,21 +412,69 @@ def _one_thread(device: str):
 
 
 def fit_head(
-    model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress: bool = False, where: str = ""
+    model: RewardModel,
+    data: RewardData,
+    cfg: RewardTrainConfig,
+    progress: bool = False,
+    where: str = "",
+    ranks=None,
 ):
     """Train ``model``'s head on cached ``data``: the epoch loop with early stopping on the
     validation criterion (``cfg.early_stop``); leaves the best epoch's head in ``model``, in eval
-    mode. Returns (history, best epoch)."""
+    mode. Returns (history, best epoch).
+
+    ``ranks`` (a :class:`t2ialign.algorithms.common.Ranks` of N > 1 processes, every one holding the
+    same ``data`` and head): each step's batch (labels, auxiliary examples and pairs, as one process
+    draws them) is split contiguously over the ranks, each rank's loss terms are weighted by its
+    share of the batch so that the mean of the ranks' gradients (averaged after the backward pass) is
+    the gradient of the whole batch's loss, and every rank evaluates the full validation set; the
+    early-stopping criterion is rank 0's, so every rank stops at the same epoch with the same head."""
     with _one_thread(cfg.device):
-        history, best_epoch = _fit(model, data, cfg, progress, where)
+        history, best_epoch = _fit(model, data, cfg, progress, where, ranks)
     model.eval()
     return history, best_epoch
 
 
-def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress: bool, where: str = ""):
+def _split(rows: torch.Tensor, ranks) -> torch.Tensor:
+    """This rank's contiguous share of ``rows`` (sizes differ by at most one)."""
+    n = len(rows)
+    return rows[ranks.rank * n // ranks.world : (ranks.rank + 1) * n // ranks.world]
+
+
+def _shard_losses(model, data, cfg, lab, aux, pair, ranks) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """This rank's share of the loss of the batch (``lab``, ``aux``, ``pair``: the whole batch's
+    rows): ``world * sum_t w_t (n_t / N_t) L_t`` over the terms t (mse, pc, bt; w_t = 1, lambda,
+    bt_weight), with ``L_t`` the mean over the rank's ``n_t`` of the batch's ``N_t`` examples, so the
+    ranks' mean is the batch's :func:`total_loss`. Returns (that loss, or None when this rank has
+    no example, and the rank's contributions ``(n_t / N_t) L_t`` to each term and to the total)."""
+    mine = {"mse": _split(lab, ranks), "pc": _split(aux, ranks), "bt": _split(pair, ranks)}
+    total = {"mse": len(lab), "pc": len(aux), "bt": len(pair)}
+    weight = {"mse": 1.0, "pc": cfg.lam, "bt": cfg.bt_weight}
+    terms = _losses(model, data, cfg, mine["mse"], mine["pc"], mine["bt"])
+    loss, parts = None, {}
+    for key in ("mse", "pc", "bt"):
+        if key not in terms:
+            continue
+        share = len(mine[key]) / total[key]
+        part = weight[key] * share * terms[key]
+        loss = part if loss is None else loss + part
+        parts[key] = share * terms[key].item()
+        parts["total"] = parts.get("total", 0.0) + part.item()
+    return (loss * ranks.world if loss is not None else None), parts
+
+
+def _fit(
+    model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress: bool, where: str = "", ranks=None
+):
     from tqdm import tqdm
 
-    opt = torch.optim.AdamW(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    active = ranks is not None and ranks.active
+    params = list(model.head.parameters())
+    if active:
+        ranks.broadcast_params(params)  # every rank starts from rank 0's head
+        if ranks.rank > 0:  # distinct dropout masks on every rank (rank 0 draws what one process draws)
+            torch.manual_seed(cfg.seed * 1_000_003 + ranks.rank)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     tr_lab = torch.nonzero(~data.label_val).squeeze(1)
     va_lab = torch.nonzero(data.label_val).squeeze(1)
@@ -443,7 +490,12 @@ def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress:
     steps = max(1, math.ceil(n_main / cfg.batch_size))
     aux_label_pos = {int(li): i for i, li in enumerate(data.aux_label.tolist())}
     history, best, best_state, best_epoch, bad = [], math.inf, None, 0, 0
-    bar = tqdm(range(cfg.max_epochs), desc="train reward", unit="epoch", disable=not progress)
+    bar = tqdm(
+        range(cfg.max_epochs),
+        desc="train reward",
+        unit="epoch",
+        disable=not progress or (active and not ranks.is_main),
+    )
     for epoch in bar:
         model.train()
         lab_perm = tr_lab[torch.randperm(len(tr_lab), generator=gen)]
@@ -455,6 +507,21 @@ def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress:
             aux_idx = [aux_label_pos[int(li)] for li in lab.tolist() if int(li) in aux_label_pos]
             aux = torch.tensor(aux_idx, dtype=torch.long)
             pair = pair_perm[k * len(pair_perm) // steps : (k + 1) * len(pair_perm) // steps]
+            if active:  # the same batch on every rank, each rank its share (see fit_head)
+                if len(lab) + len(aux) + len(pair) == 0:
+                    continue
+                loss, parts = _shard_losses(model, data, cfg, lab, aux, pair, ranks)
+                opt.zero_grad(set_to_none=True)
+                if loss is not None:
+                    loss.backward()
+                ranks.sync_grads(params)
+                opt.step()
+                batch_terms = [key for key, r in (("mse", lab), ("pc", aux), ("bt", pair)) if len(r)]
+                for key in [*batch_terms, "total"]:  # the batch's terms: the same keys on every rank
+                    sums.setdefault(key, 0.0)
+                for key, v in parts.items():
+                    sums[key] += v / steps
+                continue
             terms = _losses(model, data, cfg, lab, aux, pair)
             if "total" not in terms:
                 continue
@@ -463,6 +530,10 @@ def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress:
             opt.step()
             for key, v in terms.items():
                 sums[key] = sums.get(key, 0.0) + v.item() / steps
+        if active and sums:  # the ranks' contributions add up to the batches' values
+            keys = list(sums)
+            summed = ranks.all_sum(torch.tensor([sums[key] for key in keys], dtype=torch.float64))
+            sums = dict(zip(keys, summed.tolist(), strict=True))
         rec = {"epoch": epoch + 1, **{f"train_{k}": round(v, 5) for k, v in sums.items()}}
         if has_val:
             model.eval()
@@ -474,6 +545,10 @@ def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress:
                 objective = vt["total"].item()
             else:  # the clamped score's MSE, plus the Bradley-Terry term when there are pairs
                 objective = (rec["val_brier"] or 0.0) + cfg.bt_weight * rec.get("val_bt", 0.0)
+            if active:  # rank 0's criterion decides for all (the ranks' heads are the same)
+                shared = torch.tensor([objective], dtype=torch.float64)
+                ranks.broadcast_params([shared])
+                objective = float(shared)
             if objective < best - 1e-6:
                 best, best_epoch, bad = objective, epoch + 1, 0
                 best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
@@ -490,10 +565,6 @@ def _fit(model: RewardModel, data: RewardData, cfg: RewardTrainConfig, progress:
         model.head.load_state_dict(best_state)
     else:
         best_epoch = len(history)
-    if best_state is not None:
-        model.head.load_state_dict(best_state)
-    else:
-        best_epoch = len(history)
     return history, best_epoch
 
 
@@ -505,15 +576,30 @@ def train_reward_model(
     backbone=None,
     name: str | None = None,
     command: str | None = None,
+    accelerator=None,
 ) -> RewardModel:
     """Train a reward head on the project ``store`` (a FeedbackStore); save it with its card to
     ``out`` when given. ``backbone``: an already loaded backbone to reuse (else built from ``cfg``);
-    ``command``: the command line recorded in the card (default: this process's)."""
+    ``command``: the command line recorded in the card (default: this process's).
+
+    With an ``accelerate.Accelerator`` of N processes, every rank reads the project and embeds it
+    (the embeddings then taken from rank 0, so that all ranks hold the same data), ``batch_size``
+    stays the global batch (an epoch has the steps of one process) and each step's batch is split
+    over the ranks with the head's gradients averaged; validation runs on the full validation set on
+    every rank and early stopping follows rank 0's criterion, so every rank ends with the same head
+    (see :func:`fit_head`). ``cfg.device`` is replaced by the accelerator's device. The main process
+    alone writes ``out``; every rank returns the model."""
+    from t2ialign.algorithms.common import Ranks
     from t2ialign.reward.eval import binary_metrics, choose_threshold
 
     t0 = time.time()
+    ranks = Ranks(accelerator)
+    if ranks.active and torch.device(cfg.device) != ranks.device:
+        cfg = dataclasses.replace(cfg, device=str(ranks.device))
+    progress = progress and ranks.is_main
     backbone = backbone if backbone is not None else make_backbone(cfg)
     data = build_data(store, cfg, backbone, progress=progress)
+    ranks.broadcast_params([data.img_emb, data.txt_emb])  # bit-identical data on every rank
     model = build_reward_model(
         backbone,
         hidden=cfg.hidden,
@@ -523,7 +609,7 @@ def train_reward_model(
         features=cfg.features,
     ).to(cfg.device)
     skip_init = init_from_similarity(model, data)
-    history, best_epoch = fit_head(model, data, cfg, progress, where=str(store.path))
+    history, best_epoch = fit_head(model, data, cfg, progress, where=str(store.path), ranks=ranks)
     has_val = bool(data.label_val.any() or data.pair_val.any())
 
     # metrics against the labels, threshold chosen on validation
@@ -555,6 +641,7 @@ def train_reward_model(
         "machine": machine_description(),
     }
     model.card = card
-    if out is not None:
+    if out is not None and ranks.is_main:
         save_reward_model(model, out, card)
+    ranks.wait()
     return model

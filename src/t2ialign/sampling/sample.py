@@ -39,6 +39,18 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def sample_backend(backend, cond, x1: torch.Tensor, steps: int = 20, guidance: float = 3.0) -> torch.Tensor:
+    """The deterministic sampler of any backend (its ``timesteps`` grid and ``ode_step``: Euler for
+    flow models, DDIM with eta = 0 for epsilon models), with classifier-free guidance: x_0."""
+    grid = backend.timesteps(steps)
+    x = x1
+    for k in range(steps):
+        out = backend.predict(x, grid[k], cond, guidance=guidance)
+        x = backend.ode_step(out, grid[k], grid[k + 1], x)
+    return x
+
+
+@torch.no_grad()
 def generate_images(
     model,
     prompts: list[str],
@@ -48,9 +60,14 @@ def generate_images(
     batch_size: int = 64,
     progress: bool = False,
 ) -> np.ndarray:
-    """Sample one image per (prompt, seed): uint8 (N, H, W, 3)."""
+    """Sample one image per (prompt, seed): uint8 (N, H, W, 3).
+
+    ``model`` is a generator of the embedded world (sampled by the Euler ODE, :func:`sample_ode`)
+    or any backend (:mod:`t2ialign.backends`: the shapes backend, SD 1.5 / SDXL / SD3 / FLUX),
+    sampled by its own deterministic step (:func:`sample_backend`)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    is_backend = hasattr(model, "ode_step")
     out = []
     starts = range(0, len(prompts), batch_size)
     if progress:
@@ -61,6 +78,9 @@ def generate_images(
         p, sd = prompts[i : i + batch_size], seeds[i : i + batch_size]
         cond = model.encode(p)
         x1 = initial_noise(sd, model.latent_shape, device=model.device)
-        x0 = sample_ode(model, cond, x1, steps=steps, guidance=guidance)
+        if is_backend:
+            x0 = sample_backend(model, cond, x1, steps=steps, guidance=guidance)
+        else:
+            x0 = sample_ode(model, cond, x1, steps=steps, guidance=guidance)
         out.append(to_uint8(model.decode(x0)))
     return np.concatenate(out) if out else np.zeros((0, *model.latent_shape[1:], 3), np.uint8)
