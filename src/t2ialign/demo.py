@@ -223,6 +223,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                 "fid": before["seen"]["fid"],
                 "reward": before["seen"]["mean_reward"],
                 "accuracy": before["seen"]["overall"],
+                "n": before["seen"]["n"],
             }
         ]
         variants = [
@@ -242,6 +243,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                     "fid": res["fid"],
                     "reward": res["mean_reward"],
                     "accuracy": res["overall"],
+                    "n": res["n"],
                 }
             )
         timer.lap("ablation (Table 3)")

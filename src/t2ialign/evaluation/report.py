@@ -111,6 +111,17 @@ def _before_after_table(results: dict) -> list[list[str]]:
     return rows
 
 
+def _ci(row: dict) -> str:
+    """The Wilson 95% interval of an accuracy row that carries its ``n`` (else empty)."""
+    from t2ialign.world.imagefolder import wilson_interval
+
+    n = row.get("n")
+    if not n:
+        return ""
+    lo, hi = wilson_interval(round(row["accuracy"] * n), n)
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def _md_table(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -151,10 +162,10 @@ def write_report(
     t3_rows = None
     if results.get("table3"):
         t3_rows = [
-            [r["training data"], f"{r['fid']:.2f}", f"{r['reward']:.3f}", _fmt(r["accuracy"])]
+            [r["training data"], f"{r['fid']:.2f}", f"{r['reward']:.3f}", _fmt(r["accuracy"]), _ci(r)]
             for r in results["table3"]
         ]
-    t3_headers = ["training data", "FID", "reward", "seen accuracy (%)"]
+    t3_headers = ["training data", "FID", "reward", "seen accuracy (%)", "95% CI"]
     fb = results["feedback"]
     intro = (
         f"Base model `{results['base_model']}` -> fine-tuned `{results['tuned_model']}`. "
