@@ -16,6 +16,7 @@ kernels are the cause.
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -27,6 +28,7 @@ from diffusers_helpers import FAMILIES, brightness_reward, build_pipeline  # noq
 from t2ialign.backends.loader import PIPELINE_CLASS, load_backend  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
+WORK = tempfile.mkdtemp(prefix="gpu_smoke_")  # fresh pipelines and run folders (no resume)
 if os.environ.get("SDPA_MATH") == "1":
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -48,7 +50,7 @@ def run(name, fn):
 
 
 for fam in FAMILIES:
-    folder = f"/tmp/pipes/{fam}"
+    folder = f"{WORK}/pipes/{fam}"
     build_pipeline(fam, folder)
 
     def online(fam=fam, folder=folder):
@@ -57,7 +59,7 @@ for fam in FAMILIES:
         be = load_backend(
             folder, device=DEV, dtype="bfloat16", gradient_checkpointing=True, **OPTS.get(fam, {})
         )
-        out = f"/tmp/runs/{fam}-online"
+        out = f"{WORK}/runs/{fam}-online"
         rows = [{"prompt": p} for p in PROMPTS]
         if fam in ("sd", "sdxl"):
             from t2ialign.algorithms.ddpo import DDPOConfig, train_ddpo
@@ -123,7 +125,7 @@ for fam in FAMILIES:
             be,
             RWRConfig(steps=2, batch_size=2, pretrain_batch_size=0, beta=0.0, lora_rank=4),
             WeightedSamples(imgs[:2], PROMPTS[:2], torch.ones(2)),
-            f"/tmp/runs/{fam}-rwr",
+            f"{WORK}/runs/{fam}-rwr",
             progress=False,
         )
         be = load_backend(folder, device=DEV, dtype="bfloat16", **OPTS.get(fam, {}))
@@ -131,7 +133,7 @@ for fam in FAMILIES:
             be,
             PairSamples(imgs[:2], imgs[2:], PROMPTS[:2]),
             DPOConfig(steps=2, batch_size=2, lora_rank=4),
-            f"/tmp/runs/{fam}-dpo",
+            f"{WORK}/runs/{fam}-dpo",
             progress=False,
         )
         return {"rwr_loss": r[-1]["loss"], "dpo_loss": d[-1]["loss"]}
@@ -174,7 +176,7 @@ for fam in FAMILIES:
 def nft():
     from t2ialign.algorithms.nft import NFTConfig, train_nft
 
-    be = load_backend("/tmp/pipes/sd3", device=DEV, dtype="bfloat16", **OPTS["sd3"])
+    be = load_backend(f"{WORK}/pipes/sd3", device=DEV, dtype="bfloat16", **OPTS["sd3"])
     cfg = NFTConfig(
         iterations=2,
         prompts_per_iter=2,
@@ -185,7 +187,7 @@ def nft():
         kl_weight=1e-4,
     )
     log = train_nft(
-        be, brightness_reward, [{"prompt": p} for p in PROMPTS], cfg, "/tmp/runs/nft", progress=False
+        be, brightness_reward, [{"prompt": p} for p in PROMPTS], cfg, f"{WORK}/runs/nft", progress=False
     )
     return {"loss": log[-1]["loss"]}
 
