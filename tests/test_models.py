@@ -380,3 +380,15 @@ def test_shipped_encoder_embeds_and_prefers_the_true_prompt():
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert enc.image_features(x).shape == (3, enc.config.feature_dim)
     assert (enc.similarity(x, prompts) > enc.similarity(x, wrong)).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize(("device", "words"), [("cuda", "CUDA is not available"), ("gpu", "unknown device")])
+def test_cli_bad_device_is_a_user_error(tmp_path, capsys, device, words):
+    write_prompts([{"prompt": "a red circle"}], tmp_path / "p.jsonl")
+    capsys.readouterr()
+    prompts = str(tmp_path / "p.jsonl")
+    rc = main(["sample", "--prompts", prompts, "--device", device, "--out", str(tmp_path / "o")])
+    _user_error(rc, capsys.readouterr().err, words)
+    rc = main(["finetune", "grpo", "--reward", "checker", "--device", device, "--out", str(tmp_path / "f")])
+    _user_error(rc, capsys.readouterr().err, words)

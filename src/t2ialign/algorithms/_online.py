@@ -87,8 +87,10 @@ def pretrain_losses(
     """The denoising loss (B,) on batch ``step`` of the pre-training data (the "keep fidelity" term).
 
     With ``ranks`` of N > 1 processes, ``batch_size`` is per process: the source's batch ``step`` of
-    N * batch_size is drawn with the noise of that global batch, and this rank takes its contiguous
-    share of both (so N processes x B see what one process x N*B would)."""
+    N * batch_size is drawn, with N * batch_size noise draws from ``generator``, and this rank takes
+    its contiguous share of both. When every rank passes a generator in the same state (ReFL, DRaFT)
+    N processes x B see exactly what one process x N*B would; with a per-rank generator (NFT, RAFT)
+    the images are the global batch's and the noise is the rank's own."""
     world = 1 if ranks is None else ranks.world
     n = batch_size * world
     mine = slice(0, n) if world == 1 else ranks.shard(n)

@@ -58,6 +58,24 @@ def launched_processes() -> int:
     return 1
 
 
+def check_device(device: str | None) -> str | None:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``; None: the command's default) if this machine has it,
+    else a ValueError that says what is available."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return device
+
+
 def launch_accelerator(device: str | None):
     """An ``accelerate.Accelerator`` when this process is one of several started by ``accelerate
     launch`` (or torchrun / mpirun), else None (a plain single-process run). It runs on the CPU
@@ -72,7 +90,11 @@ def launch_accelerator(device: str | None):
     import torch
 
     cpu = (device is not None and str(device).startswith("cpu")) or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu)
+    accelerator = Accelerator(cpu=cpu)
+    from t2ialign.algorithms.common import Ranks
+
+    Ranks(accelerator)  # refuses sharded (FSDP / DeepSpeed) configs before any model is loaded
+    return accelerator
 
 
 def finish_accelerator(accelerator) -> None:

@@ -19,7 +19,13 @@ import inspect
 import typing
 from pathlib import Path
 
-from t2ialign.cli.common import add_command, add_model_args, finish_accelerator, launch_accelerator
+from t2ialign.cli.common import (
+    add_command,
+    add_model_args,
+    check_device,
+    finish_accelerator,
+    launch_accelerator,
+)
 
 # METHOD -> (module, config class, train function, needs)
 METHODS = {
@@ -195,7 +201,7 @@ def cmd_finetune(args) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = apply_overrides(cfg, overrides)
     train = getattr(mod, fn_name)
-    accelerator = launch_accelerator(args.device)
+    accelerator = launch_accelerator(check_device(args.device))
     device = args.device
     kwargs = {}
     if accelerator is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from t2ialign.cli.common import add_command, add_model_args
+from t2ialign.cli.common import add_command, add_model_args, check_device
 
 
 def add_parsers(sub) -> None:
@@ -124,6 +124,7 @@ def cmd_sample(args) -> int:
         raise ValueError("--per-prompt must be at least 1")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    check_device(args.device)
     rows = read_prompts(args.prompts)
     folder = Path(args.model) if args.model is not None else None
     diffusers = args.backend not in (None, "shapes") or (

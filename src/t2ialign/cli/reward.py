@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from t2ialign.cli.common import add_command, finish_accelerator, launch_accelerator, print_table
+from t2ialign.cli.common import add_command, check_device, finish_accelerator, launch_accelerator, print_table
 
 
 def add_parsers(sub) -> None:
@@ -135,7 +135,7 @@ def cmd_train(args) -> int:
     store = _project(args.project)
     out = Path(args.out) if args.out else Path(args.project) / "reward"
     command = shlex.join(["t2ialign", *sys.argv[1:]])
-    accelerator = launch_accelerator(args.device)
+    accelerator = launch_accelerator(check_device(args.device))
     if accelerator is not None and accelerator.is_main_process:
         n, kind = accelerator.num_processes, accelerator.device.type
         print(f"reward train: data-parallel over {n} processes ({kind})")

@@ -83,4 +83,7 @@ def generate_images(
         else:
             x0 = sample_ode(model, cond, x1, steps=steps, guidance=guidance)
         out.append(to_uint8(model.decode(x0)))
-    return np.concatenate(out) if out else np.zeros((0, *model.latent_shape[1:], 3), np.uint8)
+    if out:
+        return np.concatenate(out)
+    side = () if is_backend else model.latent_shape[1:]  # a backend's pixel size is known after decoding
+    return np.zeros((0, *side, 3), np.uint8) if side else np.zeros((0, 0, 0, 3), np.uint8)
