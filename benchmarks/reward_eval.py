@@ -15,6 +15,8 @@ The seed paper's setting in the shapes world:
      published;
    - ``reward-no-aux``: MSE only (the ablation);
    - ``reward+pairs``: ``reward`` plus the Bradley-Terry loss on the comparisons;
+   - ``product-no-aux``, ``product-skip-no-aux``: the MLP on ``img * txt`` alone (``features``
+     ``product``), without and with the skip connection, no auxiliary loss;
    - ``reward-skip``, ``reward-skip-no-aux``: the head with a skip connection from the cosine
      similarity (``cosine_skip``: starts as the least-squares fit of the labels on the similarity);
    - ``similarity``: the frozen encoder's zero-shot cosine similarity (the baseline; threshold and a
@@ -255,6 +257,8 @@ def main() -> int:
         "reward+pairs": dict(aux=True, pairs=True),
         "reward-skip": dict(aux=True, cosine_skip=True),
         "reward-skip-no-aux": dict(aux=False, cosine_skip=True),
+        "product-no-aux": dict(aux=False, features="product"),
+        "product-skip-no-aux": dict(aux=False, features="product", cosine_skip=True),
     }
     if args.variants:
         unknown = set(args.variants.split(",")) - set(variants)
@@ -337,7 +341,7 @@ def main() -> int:
     unseen = {
         name: summ["unseen"]["checker"]["accuracy"]["mean"]
         for name, summ in results["summary"].items()
-        if name.startswith("reward")
+        if name in variants
     }
     main_name = "reward" if "reward" in unseen else first
     unseen_acc = unseen[main_name]
