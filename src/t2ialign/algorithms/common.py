@@ -112,6 +112,14 @@ def truncate_log(out: Path, step: int) -> None:
 # ---- optimisation --------------------------------------------------------------------------------
 
 
+def check_lr_and_lora(cfg) -> None:
+    """The checks every trainer config shares: a positive ``lr`` and a non-negative ``lora_rank``."""
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"lora_rank must be >= 0, got {cfg.lora_rank}")
+
+
 def setup_trainable(backend, lora_rank: int, lora_alpha: float) -> list[torch.nn.Parameter]:
     """Enable LoRA (rank > 0) or full fine-tuning of the denoiser; returns the trainable parameters."""
     if lora_rank > 0:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
+    check_lr_and_lora,
     load_trainer_state,
     save_trainer_state,
     seeded,
@@ -103,10 +104,7 @@ class DPOConfig:
             raise ValueError("steps, batch_size and checkpoint_every must be positive")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_lr_and_lora(self)
 
 
 def train_dpo(

@@ -51,6 +51,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_lr_and_lora,
     load_trainer_state,
     save_trainer_state,
     seeded,
@@ -216,10 +217,7 @@ class NFTConfig:
             raise ValueError("kl_weight, pretrain_weight and pretrain_batch_size must be non-negative")
         if self.ema_rate < 0 or not 0 <= self.ema_max < 1:
             raise ValueError(f"need ema_rate >= 0 and 0 <= ema_max < 1, got {self.ema_rate}, {self.ema_max}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_lr_and_lora(self)
 
 
 def train_nft(

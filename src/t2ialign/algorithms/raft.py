@@ -29,6 +29,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_lr_and_lora,
     load_trainer_state,
     save_trainer_state,
     seeded,
@@ -101,10 +102,7 @@ class RAFTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
             raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_lr_and_lora(self)
 
 
 def train_raft(

@@ -38,6 +38,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_lr_and_lora,
     load_trainer_state,
     save_trainer_state,
     seeded,
@@ -155,10 +156,7 @@ class RewardGradConfig:
             raise ValueError(f"phi must be one of {PHIS}, got {self.phi!r}")
         if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
             raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_lr_and_lora(self)
 
 
 @dataclass

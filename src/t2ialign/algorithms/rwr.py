@@ -21,6 +21,7 @@ import torch
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
+    check_lr_and_lora,
     load_trainer_state,
     save_trainer_state,
     seeded,
@@ -101,10 +102,7 @@ class RWRConfig:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not 0.0 <= self.pseudo_fraction <= 1.0:
             raise ValueError(f"pseudo_fraction must be in [0, 1], got {self.pseudo_fraction}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_lr_and_lora(self)
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
