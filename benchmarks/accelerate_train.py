@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from t2ialign.algorithms.common import Ranks
+
 
 def tiny_backend(seed: int = 0):
     from t2ialign.backends import ShapesBackend
@@ -36,6 +38,30 @@ def tiny_backend(seed: int = 0):
             if not p.any():
                 p.normal_(0, 0.05)
     return ShapesBackend(g)
+
+
+class CPUFSDPAccelerator:
+    """An ``Accelerator`` of a CPU (gloo) process group that reports ``DistributedType.FSDP`` with an
+    FSDP2 plugin, so that the trainers shard the denoiser exactly as they do under an FSDP launch on
+    GPUs. accelerate itself only routes FSDP to accelerator devices (on CPU it is MULTI_CPU); every
+    other attribute is the wrapped accelerator's."""
+
+    def __init__(self, accelerator, reshard_after_forward: bool = True, transformer_wrap: bool = False):
+        from types import SimpleNamespace
+
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        self._acc = accelerator
+        self.distributed_type = DistributedType.FSDP
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=reshard_after_forward,
+            auto_wrap_policy="transformer_based_wrap" if transformer_wrap else None,
+        )
+        self.state = SimpleNamespace(fsdp_plugin=plugin)
+
+    def __getattr__(self, name):
+        return getattr(self._acc, name)
 
 
 def red_reward(images, prompts, metadata):
@@ -88,6 +114,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dropout", type=float, default=0.1, help="reward: dropout of the head")
     ap.add_argument("--dump", default=None, help="write rank{R}.pt and rows{R}.json here")
     ap.add_argument("--no-accelerator", action="store_true", help="train with accelerator=None")
+    ap.add_argument(
+        "--fsdp",
+        choices=["full", "grad-op"],
+        default=None,
+        help="shard the denoiser with FSDP2 (full: FULL_SHARD; grad-op: SHARD_GRAD_OP, ZeRO-2's "
+        "sharding); on CPU through CPUFSDPAccelerator, since accelerate routes FSDP to GPUs only",
+    )
+    ap.add_argument(
+        "--fsdp-wrap",
+        choices=["root", "transformer"],
+        default="root",
+        help="FSDP units: the whole denoiser (root) or also each block its class lists in "
+        "_no_split_modules (transformer, TRANSFORMER_BASED_WRAP; diffusers models)",
+    )
+    ap.add_argument("--lora-rank", type=int, default=0, help="GRPO, DDPO, RWR: LoRA rank (0: full)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a diffusers pipeline folder (load_backend; at most 16 tokens per prompt) instead of "
+        "the tiny shapes model; GRPO, DDPO, RWR, DPO",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -97,8 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)
+        if args.fsdp:
+            accelerator = CPUFSDPAccelerator(
+                accelerator,
+                reshard_after_forward=args.fsdp == "full",
+                transformer_wrap=args.fsdp_wrap == "transformer",
+            )
         rank, world = accelerator.process_index, accelerator.num_processes
-    backend = tiny_backend()
+    if args.model:
+        from t2ialign.backends.loader import load_backend
+
+        pipeline = json.loads((Path(args.model) / "model_index.json").read_text())["_class_name"]
+        flow = "StableDiffusion3" in pipeline or "Flux" in pipeline
+        backend = load_backend(args.model, device="cpu", **({"max_sequence_length": 16} if flow else {}))
+        torch.manual_seed(0)  # LoRA's random initialisation: the same in every run
+    else:
+        backend = tiny_backend()
     t0 = time.perf_counter()
     if args.method == "grpo":
         from t2ialign.algorithms.grpo import GRPOConfig, train_grpo
@@ -111,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             guidance=1.0,
             beta=args.beta,
             minibatch_size=args.minibatch_size,
-            lora_rank=0,
+            lora_rank=args.lora_rank,
             lr=args.lr,
             checkpoint_every=1,
         )
@@ -130,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
             buffer_size=4,
             min_count=2,
             minibatch_size=args.minibatch_size,
-            lora_rank=0,
+            lora_rank=args.lora_rank,
             lr=args.lr,
             checkpoint_every=1,
         )
@@ -264,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
         weights = torch.linspace(0.0, 1.0, args.data)
         cfg = RWRConfig(
             steps=args.iterations,
+            lora_rank=args.lora_rank,
             batch_size=args.batch_size,
             pretrain_batch_size=args.pretrain_batch_size,
             beta=args.beta,
@@ -287,10 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dump:
         dump = Path(args.dump)
         dump.mkdir(parents=True, exist_ok=True)
-        unet = model.head if args.method == "reward" else backend.gen.unet
-        state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+        unet = model.head if args.method == "reward" else backend.denoiser()
+        full = Ranks(accelerator).full  # gathers FSDP shards (a collective: every rank dumps)
+        state = {k: full(v.detach()).cpu() for k, v in unet.state_dict().items()}
         # the last step's gradient (averaged over ranks, clipped) is still on the parameters
-        grads = {k: p.grad.detach().cpu() for k, p in unet.named_parameters() if p.grad is not None}
+        grads = {k: full(p.grad.detach()).cpu() for k, p in unet.named_parameters() if p.grad is not None}
         torch.save({"params": state, "grads": grads}, dump / f"rank{rank}.pt")
         (dump / f"rows{rank}.json").write_text(json.dumps(rows))
     if rank == 0:

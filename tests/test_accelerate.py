@@ -83,16 +83,3 @@ def test_rwr_step_two_processes_equals_one_process_double_batch(tmp_path):
     assert moved > 0 and diff < 1e-3 * moved, (diff, moved)  # Adam's first step ~ lr * sign(g)
     for k in p1:
         torch.testing.assert_close(p2[k], p1[k], rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_accelerator_is_refused_with_a_clear_error(kind):
-    """FSDP / DeepSpeed configs would silently train replicated weights; the trainers refuse them."""
-    from accelerate.utils import DistributedType
-
-    class Fake:
-        distributed_type = DistributedType[kind]
-        process_index, num_processes, is_main_process = 0, 2, True
-
-    with pytest.raises(ValueError, match=f"{kind}.*DDP config"):
-        Ranks(Fake())

@@ -78,7 +78,7 @@ def test_finetune_cli_grpo_two_processes(tmp_path, tiny_generator):
         + ["--iterations", "2", "--set", "group_size=2", "--set", "prompts_per_iter=2"]
         + ["--set", "train_steps=2", "--set", "minibatch_size=2", "--out", out]
     )
-    assert res.stdout.count("data-parallel over 2 processes (cpu)") == 1, res.stdout
+    assert res.stdout.count("data-parallel over 2 processes (cpu, replicated weights)") == 1, res.stdout
     assert res.stdout.count("saved the fine-tuned generator") == 1, res.stdout
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2]  # one row per iteration: the main process alone logs

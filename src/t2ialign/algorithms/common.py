@@ -21,33 +21,89 @@ CHECKPOINT = "trainer_state.pt"
 # ---- checkpoints and resume ----------------------------------------------------------------------
 
 
-def save_trainer_state(out: Path, step: int, backend, optimizer, extra: dict | None = None) -> None:
-    """Atomically write the trainable weights, the optimiser and the RNG states to ``out``."""
+def save_trainer_state(
+    out: Path, step: int, backend, optimizer, extra: dict | None = None, ranks=None
+) -> None:
+    """Atomically write the trainable weights, the optimiser and the RNG states to ``out``.
+
+    With ``ranks`` (:class:`~t2ialign.algorithms.parallel.Ranks`) every process calls it and the main
+    process writes; under FSDP the shards (weights, optimiser state, ``DTensor`` values in ``extra``)
+    are gathered into full tensors first, so any number of processes can resume the state."""
+    ranks = ranks or Ranks(None)
+    if not ranks.sharded and not ranks.is_main:
+        return
+    trainable = ranks.full(backend.state_dict_trainable())
+    optim = ranks.optimizer_state(optimizer)
+    extra = ranks.full(extra or {})
+    if not ranks.is_main:
+        return
     out.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
-        "trainable": backend.state_dict_trainable(),
-        "optimizer": optimizer.state_dict(),
+        "trainable": trainable,
+        "optimizer": optim,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "extra": extra or {},
+        "extra": extra,
     }
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / CHECKPOINT)
 
 
-def load_trainer_state(out: Path, backend, optimizer) -> tuple[int, dict]:
-    """Resume from ``out`` if it holds a trainer state; returns (step, extra) or (0, {})."""
+def load_trainer_state(out: Path, backend, optimizer, ranks=None) -> tuple[int, dict]:
+    """Resume from ``out`` if it holds a trainer state; returns (step, extra) or (0, {}). Under FSDP
+    (``ranks`` sharded) the full weights and optimiser state are cut into this rank's shards; the
+    tensors in ``extra`` come back full (:meth:`Ranks.local_like` shards them)."""
+    ranks = ranks or Ranks(None)
     path = out / CHECKPOINT
     if not path.exists():
         return 0, {}
     state = torch.load(path, weights_only=False, map_location="cpu")
-    backend.load_state_dict_trainable(state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
+    names = [k for k, p in backend.denoiser().named_parameters() if p.requires_grad]
+    optim = _optimizer_keys(state["optimizer"], names, by_name=ranks.sharded)
+    live = backend.state_dict_trainable() if ranks.sharded else {}
+    trainable = state["trainable"]
+    if ranks.sharded:
+        trainable = {k: ranks.local_like(v, live[k]) for k, v in trainable.items()}
+    backend.load_state_dict_trainable(trainable)
+    ranks.load_optimizer_state(optimizer, optim)
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return state["step"], state["extra"]
+
+
+def _optimizer_keys(optim: dict, names: list[str], by_name: bool) -> dict:
+    """An optimiser state dict keyed by parameter name (FSDP's full state dict) or by index
+    (``Optimizer.state_dict``), converted to the keys wanted; ``names`` are the trainable parameters'
+    names in the optimiser's order. So an FSDP checkpoint resumes without FSDP and the other way."""
+    index = {n: i for i, n in enumerate(names)}
+    keys = [k for g in optim["param_groups"] for k in g["params"]]
+    if all(isinstance(k, str) for k in keys) == by_name:
+        return optim
+    table = dict(enumerate(names)) if by_name else index
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise ValueError(f"the checkpoint's optimiser state has parameters this model lacks: {missing[:3]}")
+    conv = table.__getitem__
+    return {
+        "state": {conv(k): v for k, v in optim["state"].items()},
+        "param_groups": [{**g, "params": [conv(k) for k in g["params"]]} for g in optim["param_groups"]],
+    }
+
+
+def save_model(backend, ranks, out: Path, card: dict) -> None:
+    """Save the fine-tuned model (``backend.save``) from the main process; every process calls it.
+    Under FSDP the denoiser's full weights are gathered first (only the adapters with LoRA, unless the
+    backend ``merges_lora_on_save``) and handed to ``backend.save(..., denoiser_state=...)``."""
+    if ranks.sharded:
+        adapters_only = backend.lora_enabled and not getattr(backend, "merges_lora_on_save", False)
+        state = ranks.denoiser_state(trainable_only=adapters_only)
+        if ranks.is_main:
+            backend.save(out, card=card, denoiser_state=state)
+    elif ranks.is_main:
+        backend.save(out, card=card)
+    ranks.wait()
 
 
 # ---- logging -------------------------------------------------------------------------------------
@@ -120,8 +176,9 @@ def check_lr_and_lora(cfg) -> None:
         raise ValueError(f"lora_rank must be >= 0, got {cfg.lora_rank}")
 
 
-def setup_trainable(backend, lora_rank: int, lora_alpha: float) -> list[torch.nn.Parameter]:
-    """Enable LoRA (rank > 0) or full fine-tuning of the denoiser; returns the trainable parameters."""
+def setup_trainable(backend, lora_rank: int, lora_alpha: float, ranks=None) -> list[torch.nn.Parameter]:
+    """Enable LoRA (rank > 0) or full fine-tuning of the denoiser; returns the trainable parameters
+    (under FSDP, sharded by ``ranks``: build the optimiser after this)."""
     if lora_rank > 0:
         backend.enable_lora(lora_rank, lora_alpha)
     else:
@@ -130,7 +187,7 @@ def setup_trainable(backend, lora_rank: int, lora_alpha: float) -> list[torch.nn
     params = backend.trainable_parameters()
     if not params:
         raise RuntimeError("the backend has no trainable parameters")
-    return params
+    return ranks.shard_denoiser(backend, params) if ranks is not None else params
 
 
 def seeded(seed: int, step: int) -> torch.Generator:
@@ -211,124 +268,6 @@ def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: l
     return rewards, info or {}
 
 
-# ---- data parallelism (Hugging Face Accelerate) --------------------------------------------------
+# ---- data parallelism (Hugging Face Accelerate): see t2ialign.algorithms.parallel -----------------
 
-
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-"""Accelerate's distributed types that shard the model or the optimiser, refused by :class:`Ranks`."""
-
-
-class Ranks:
-    """The data-parallel view of an optional ``accelerate.Accelerator``: which shard of a global batch
-    this process owns, collectives over ranks, and who writes logs and checkpoints.
-
-    Gradients are averaged by :meth:`sync_grads` (one flat ``all_reduce`` of the trainable gradients
-    over ``torch.distributed``) rather than by wrapping the denoiser with ``accelerator.prepare``:
-    the backends call their denoiser themselves, swap it for the frozen reference, inject LoRA into
-    it and save it by parameter name, all of which a DDP wrapper would break. The averaging is DDP's
-    arithmetic (mean of the per-rank gradients) without its overlap of communication and backward.
-
-    With no accelerator, or one of a single process, every method is the identity (or a no-op), so
-    single-process training is unchanged.
-    """
-
-    def __init__(self, accelerator=None):
-        kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
-        if kind in SHARDED:
-            raise ValueError(
-                f"this accelerator is set up for {kind} (sharded weights or optimiser state), which the "
-                "t2ialign trainers do not support yet: they train replicated weights with a data-parallel "
-                "gradient average. Launch with a DDP config (configs/accelerate/ddp_multi_gpu.yaml, "
-                "multi_node.yaml) instead."
-            )
-        self.acc = accelerator
-        self.rank = int(accelerator.process_index) if accelerator is not None else 0
-        self.world = int(accelerator.num_processes) if accelerator is not None else 1
-        # collectives run on the accelerator's device (NCCL takes no CPU tensors)
-        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.acc is None or bool(self.acc.is_main_process)
-
-    def shard(self, n: int) -> slice:
-        """This rank's contiguous share of a global batch of ``n`` (which must split evenly)."""
-        if n % self.world:
-            raise ValueError(f"a global batch of {n} does not split over {self.world} processes")
-        per = n // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
-    def generator(self, seed: int, step: int) -> torch.Generator:
-        """:func:`seeded` on rank 0 (so one process draws what it always drew), a distinct stream on
-        every other rank."""
-        if self.rank == 0:
-            return seeded(seed, step)
-        return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 7919 + self.rank * 2**40)
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate the ranks' tensors (equal shapes) along dim 0, in rank order (on ``t``'s device;
-        the collective itself runs on the accelerator's)."""
-        if not self.active:
-            return t
-        return self.acc.gather(t.contiguous().to(self.device)).to(t.device)
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        import torch.distributed as dist
-
-        out = t.detach().to(self.device, copy=True)
-        dist.all_reduce(out)
-        return out.to(t.device)
-
-    def mean_scalars(self, row: dict[str, float]) -> dict[str, float]:
-        """Each scalar averaged over ranks (every rank must hold the same keys)."""
-        if not self.active or not row:
-            return row
-        keys = sorted(row)
-        vals = self.all_sum(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / self.world
-        return {k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)}
-
-    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace every trainable gradient by its mean over ranks. A parameter without a gradient on
-        every rank keeps none (as in one process); one with a gradient on some rank counts as zero
-        on the others."""
-        if not self.active:
-            return
-        import torch.distributed as dist
-
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        dist.all_reduce(has)
-        live = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
-        if not live:
-            return
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in live]
-        ).to(self.device)
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in live:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.device, copy=True)
-            offset += n
-
-    def broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
-        """Make every rank start from rank 0's trainable weights."""
-        if not self.active:
-            return
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for p in params:
-                buf = p.data.to(self.device, copy=True)
-                dist.broadcast(buf, 0)
-                p.data.copy_(buf)
-
-    def wait(self) -> None:
-        if self.acc is not None:
-            self.acc.wait_for_everyone()
+from t2ialign.algorithms.parallel import Ranks  # noqa: E402  (used above; the trainers import it here)

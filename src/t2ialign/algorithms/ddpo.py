@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2ialign.algorithms.common import Ranks, RunLogger, save_trainer_state, setup_trainable
+from t2ialign.algorithms.common import Ranks, RunLogger, save_model, save_trainer_state, setup_trainable
 from t2ialign.algorithms.grpo import (
     check_prompts,
     collect_rollouts,
@@ -174,11 +174,11 @@ def train_ddpo(
 
     out = Path(out)
     check_prompts(prompts)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ranks = Ranks(accelerator)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     mine = ranks.shard(cfg.batch_size)  # fails early on an uneven split
-    start, extra = resume(out, backend, opt, "ddpo", truncate=ranks.is_main)
+    start, extra = resume(out, backend, opt, "ddpo", ranks)
     ranks.broadcast_params(params)
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
     tracker.load_state_dict(extra.get("stats", {}))
@@ -249,13 +249,12 @@ def train_ddpo(
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            if ranks.is_main:
-                extra = {"method": "ddpo", "stats": tracker.state_dict()}
-                save_trainer_state(out, it + 1, backend, opt, extra=extra)
+            extra = {"method": "ddpo", "stats": tracker.state_dict()}
+            save_trainer_state(out, it + 1, backend, opt, extra=extra, ranks=ranks)
             ranks.wait()
-    if ranks.is_main:
-        if own_logger:
-            logger.close()
-        backend.save(out, card={"method": "ddpo", "ddpo_config": asdict(cfg), "base_model": backend.model_id})
-    ranks.wait()
+    if ranks.is_main and own_logger:
+        logger.close()
+    save_model(
+        backend, ranks, out, {"method": "ddpo", "ddpo_config": asdict(cfg), "base_model": backend.model_id}
+    )
     return rows

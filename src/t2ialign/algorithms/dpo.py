@@ -36,6 +36,7 @@ from t2ialign.algorithms.common import (
     RunLogger,
     check_lr_and_lora,
     load_trainer_state,
+    save_model,
     save_trainer_state,
     seeded,
     setup_trainable,
@@ -134,10 +135,10 @@ def train_dpo(
     out = Path(out)
     if len(pairs) == 0:
         raise ValueError("no preference pairs to train on")
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ranks = Ranks(accelerator)
-    start, _ = load_trainer_state(out, backend, opt)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_trainer_state(out, backend, opt, ranks)
     ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
@@ -190,11 +191,11 @@ def train_dpo(
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            if ranks.is_main:
-                save_trainer_state(out, k + 1, backend, opt)
+            save_trainer_state(out, k + 1, backend, opt, ranks=ranks)
             ranks.wait()
     if ranks.is_main:
         logger.close()
-        backend.save(out, card={"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id})
-    ranks.wait()
+    save_model(
+        backend, ranks, out, {"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id}
+    )
     return rows

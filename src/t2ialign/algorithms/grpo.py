@@ -36,6 +36,7 @@ from t2ialign.algorithms.common import (
     initial_noise,
     load_trainer_state,
     rollout,
+    save_model,
     save_trainer_state,
     setup_trainable,
     step_log_prob,
@@ -220,9 +221,9 @@ def check_prompts(prompts: list[dict]) -> None:
         raise ValueError(f"prompt rows must be dicts with a 'prompt' key, got {bad[0]!r}")
 
 
-def resume(out: Path, backend, opt, method: str, truncate: bool = True) -> tuple[int, dict]:
-    """Load the trainer state of ``out`` (if any), refusing one written by another method; the log
-    is cut back to the resumed step when ``truncate`` (the main process only, under Accelerate)."""
+def resume(out: Path, backend, opt, method: str, ranks: Ranks) -> tuple[int, dict]:
+    """Load the trainer state of ``out`` (if any), refusing one written by another method; the main
+    process cuts the log back to the resumed step."""
     path = out / CHECKPOINT
     if path.exists():  # look before loading: another method's weights may not even fit
         other = (
@@ -230,8 +231,8 @@ def resume(out: Path, backend, opt, method: str, truncate: bool = True) -> tuple
         )
         if other not in (None, method):
             raise ValueError(f"{out} holds a {other!r} run, not {method!r}: use another --out")
-    start, extra = load_trainer_state(out, backend, opt)
-    if truncate:
+    start, extra = load_trainer_state(out, backend, opt, ranks)
+    if ranks.is_main:
         truncate_log(out, start)
     return start, extra
 
@@ -338,11 +339,11 @@ def train_group_policy(
 
     out = Path(out)
     check_prompts(prompts)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ranks = Ranks(accelerator)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fail early on an uneven split
-    start, _ = resume(out, backend, opt, method, truncate=ranks.is_main)
+    start, _ = resume(out, backend, opt, method, ranks)
     ranks.broadcast_params(params)
     own_logger = logger is None
     if ranks.is_main:
@@ -407,16 +408,16 @@ def train_group_policy(
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            if ranks.is_main:
-                save_trainer_state(out, it + 1, backend, opt, extra={"method": method})
+            save_trainer_state(out, it + 1, backend, opt, extra={"method": method}, ranks=ranks)
             ranks.wait()
-    if ranks.is_main:
-        if own_logger:
-            logger.close()
-        backend.save(
-            out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
-        )
-    ranks.wait()
+    if ranks.is_main and own_logger:
+        logger.close()
+    save_model(
+        backend,
+        ranks,
+        out,
+        {"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id},
+    )
     return rows
 
 

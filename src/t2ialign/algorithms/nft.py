@@ -53,6 +53,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    save_model,
     save_trainer_state,
     seeded,
     setup_trainable,
@@ -254,14 +255,20 @@ def train_nft(
     if cfg.weighting == "x0_adaptive" and backend.prediction != "flow":
         raise ValueError("weighting='x0_adaptive' is written for flow models (x0_hat - x0 = -s (v_hat - v))")
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ranks = Ranks(accelerator)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     mine = ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fails early on an uneven split
-    start, extra = load_trainer_state(out, backend, opt)
+    start, extra = load_trainer_state(out, backend, opt, ranks)
     ranks.broadcast_params(params)
     dev = backend.device
-    ema = {k: v.to(dev) for k, v in (extra.get("ema") or backend.state_dict_trainable()).items()}
+    live = backend.state_dict_trainable()
+    # the EMA old policy; from a checkpoint full tensors, under FSDP cut into this rank's shards
+    ema = (
+        {k: ranks.local_like(v.to(dev), live[k]) for k, v in extra["ema"].items()}
+        if extra.get("ema")
+        else live
+    )
     if ranks.is_main:
         truncate_log(out, start)
         logger = logger or RunLogger(out, asdict(cfg))
@@ -370,11 +377,11 @@ def train_nft(
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            if ranks.is_main:
-                save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema})
+            save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema}, ranks=ranks)
             ranks.wait()
     if ranks.is_main:
         logger.close()
-        backend.save(out, card={"method": "nft", "nft_config": asdict(cfg), "base_model": backend.model_id})
-    ranks.wait()
+    save_model(
+        backend, ranks, out, {"method": "nft", "nft_config": asdict(cfg), "base_model": backend.model_id}
+    )
     return rows

@@ -31,6 +31,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    save_model,
     save_trainer_state,
     seeded,
     setup_trainable,
@@ -136,11 +137,11 @@ def train_raft(
     out = Path(out)
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ranks = Ranks(accelerator)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     mine = ranks.shard(cfg.prompts_per_round * cfg.samples_per_prompt)  # fails early on an uneven split
-    start, _ = load_trainer_state(out, backend, opt)
+    start, _ = load_trainer_state(out, backend, opt, ranks)
     ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
@@ -216,11 +217,11 @@ def train_raft(
         rows.append({"step": rnd + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kept=len(keep))
         if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
-            if ranks.is_main:
-                save_trainer_state(out, rnd + 1, backend, opt)
+            save_trainer_state(out, rnd + 1, backend, opt, ranks=ranks)
             ranks.wait()
     if ranks.is_main:
         logger.close()
-        backend.save(out, card={"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id})
-    ranks.wait()
+    save_model(
+        backend, ranks, out, {"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id}
+    )
     return rows

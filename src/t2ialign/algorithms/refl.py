@@ -40,6 +40,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    save_model,
     save_trainer_state,
     seeded,
     setup_trainable,
@@ -206,10 +207,10 @@ def _train_reward_gradient(
     out = Path(out)
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ranks = Ranks(accelerator)
-    start, _ = load_trainer_state(out, backend, opt)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, _ = load_trainer_state(out, backend, opt, ranks)
     ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
@@ -279,15 +280,16 @@ def _train_reward_gradient(
         rows.append({"step": it + 1, **row})
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            if ranks.is_main:
-                save_trainer_state(out, it + 1, backend, opt)
+            save_trainer_state(out, it + 1, backend, opt, ranks=ranks)
             ranks.wait()
     if ranks.is_main:
         logger.close()
-        backend.save(
-            out, card={"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
-        )
-    ranks.wait()
+    save_model(
+        backend,
+        ranks,
+        out,
+        {"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id},
+    )
     return rows
 
 

@@ -23,6 +23,7 @@ from t2ialign.algorithms.common import (
     RunLogger,
     check_lr_and_lora,
     load_trainer_state,
+    save_model,
     save_trainer_state,
     seeded,
     setup_trainable,
@@ -160,12 +161,15 @@ def train_rwr(
         raise ValueError("beta > 0 needs pre-training data (pretrain_source), or set beta = 0")
     if len(labelled) == 0 and (pseudo is None or len(pseudo) == 0):
         raise ValueError("no model samples to train on")
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ranks = Ranks(accelerator)
-    start, extra = load_trainer_state(out, backend, opt)
+    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    start, extra = load_trainer_state(out, backend, opt, ranks)
     ranks.broadcast_params(params)
-    ema = extra.get("ema") or [p.detach().clone() for p in params]
+    if extra.get("ema"):  # full tensors: under FSDP, cut into this rank's shards
+        ema = [ranks.local_like(e, p) for e, p in zip(extra["ema"], params, strict=True)]
+    else:
+        ema = [p.detach().clone() for p in params]
     if ranks.is_main:
         truncate_log(out, start)
         logger = logger or RunLogger(out, asdict(cfg))
@@ -237,8 +241,7 @@ def train_rwr(
         rows.append({"step": k + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            if ranks.is_main:
-                save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema})
+            save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema}, ranks=ranks)
             ranks.wait()
     if ranks.is_main:
         logger.close()
@@ -246,7 +249,7 @@ def train_rwr(
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 p.copy_(pe)
-    if ranks.is_main:
-        backend.save(out, card={"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id})
-    ranks.wait()
+    save_model(
+        backend, ranks, out, {"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id}
+    )
     return rows

@@ -79,8 +79,14 @@ class Backend(Protocol):
         """Within this context, ``predict`` is the frozen reference model (adapters disabled or
         the initial weights)."""
 
-    def save(self, folder: str, card: dict | None = None) -> None:
-        """Save the fine-tuned model so that the project's loaders (or diffusers) read it."""
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether ``enable_lora`` has run (only the adapters train)."""
+
+    def save(self, folder: str, card: dict | None = None, denoiser_state: dict | None = None) -> None:
+        """Save the fine-tuned model so that the project's loaders (or diffusers) read it;
+        ``denoiser_state`` (full tensors gathered from FSDP shards) replaces the live denoiser's
+        weights."""
 
 
 def denoising_loss(
@@ -91,3 +97,18 @@ def denoising_loss(
     ``|| v_theta - (eps - x0) ||^2`` for flow models, the epsilon loss for DDPM models)."""
     out = backend.predict(backend.add_noise(x0, eps, s), s, cond)
     return (out - backend.target(x0, eps, s)).pow(2).flatten(1).mean(1)
+
+
+def resharded(net: nn.Module) -> nn.Module:
+    """``net`` with every FSDP2 unit in it resharded (a no-op for an unsharded module). FSDP2 keeps
+    a unit's parameters gathered after a forward pass with no backward (the root always), and
+    ``named_parameters`` then yields those full tensors instead of the ``DTensor`` shards that the
+    optimiser holds; read or write the weights by name only after this."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return net
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return net

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t2ialign.backends.base import resharded
+
 LORA_CARD_KIND = "t2ialign-diffusers-lora"
 FULL_CARD_KIND = "t2ialign-diffusers"
 
@@ -113,6 +115,7 @@ class DiffusersBackend:
                 else:
                     comp.to(self.device)
         self.net: nn.Module = getattr(pipe, self.denoiser_name)
+        self._net_cls = type(self.net)  # FSDP2 swaps the class of a sharded module
         if gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
         self.resolution = int(resolution or self.default_resolution())
@@ -226,6 +229,10 @@ class DiffusersBackend:
                 p.data = p.data.float()
         self._lora = {"rank": rank, "alpha": alpha, "target_modules": targets}
 
+    @property
+    def lora_enabled(self) -> bool:
+        return self._lora is not None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
@@ -256,47 +263,69 @@ class DiffusersBackend:
                 self.net = live
 
     def state_dict_trainable(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.net.named_parameters() if v.requires_grad}
+        return {k: v.detach().clone() for k, v in resharded(self.net).named_parameters() if v.requires_grad}
 
     def load_state_dict_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.net.named_parameters())
+        params = dict(resharded(self.net).named_parameters())
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
 
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapters' weights in the (peft) format of diffusers' training scripts."""
+    def lora_state_dict(self, denoiser_state: dict | None = None) -> dict[str, torch.Tensor]:
+        """The adapters' weights in the (peft) format of diffusers' training scripts (read from
+        ``denoiser_state`` when given, e.g. gathered by an FSDP run)."""
         from peft.utils import get_peft_model_state_dict
 
         if self._lora is None:
             raise RuntimeError("LoRA is not enabled on this backend")
-        state = get_peft_model_state_dict(self.net)
+        state = get_peft_model_state_dict(self.net, state_dict=denoiser_state)
         return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
-    def save(self, folder, card: dict | None = None) -> None:
+    def save(self, folder, card: dict | None = None, denoiser_state: dict | None = None) -> None:
         """With LoRA: ``pytorch_lora_weights.safetensors`` written by the pipeline class's
         ``save_lora_weights`` (what ``pipe.load_lora_weights(folder)`` reads, rank and alpha in its
         metadata). Full fine-tuning: the whole pipeline (``save_pretrained``). Both with a
-        ``card.json`` that :func:`~t2ialign.backends.loader.load_backend` reads."""
+        ``card.json`` that :func:`~t2ialign.backends.loader.load_backend` reads.
+
+        ``denoiser_state``: the denoiser's weights gathered by an FSDP run (the adapters' with LoRA,
+        the full state dict otherwise), saved in place of the live denoiser's shards."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         info = {"backend": self.family, "base_path": self.base_path, "base_model": self.model_id}
         if self._lora is not None:
-            self._save_lora(folder)
+            self._save_lora(folder, denoiser_state)
             info.update(kind=LORA_CARD_KIND, lora=self._lora)
-        else:
+        elif denoiser_state is None:
             self.pipe.save_pretrained(str(folder))
+            info.update(kind=FULL_CARD_KIND)
+        else:
+            self._save_full_from_state(folder, denoiser_state)
             info.update(kind=FULL_CARD_KIND)
         info.update(card or {})
         info["kind"] = LORA_CARD_KIND if self._lora is not None else FULL_CARD_KIND
         (folder / "card.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
-    def _save_lora(self, folder: Path) -> None:
+    def _save_full_from_state(self, folder: Path, state: dict) -> None:
+        """``save_pretrained`` with an unsharded denoiser rebuilt from ``state`` in place of the live
+        (sharded) one."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            plain = self._net_cls.from_config(self.net.config)
+        plain.load_state_dict(state, assign=True)
+        live = getattr(self.pipe, self.denoiser_name)
+        setattr(self.pipe, self.denoiser_name, plain)
+        try:
+            self.pipe.save_pretrained(str(folder))
+        finally:
+            setattr(self.pipe, self.denoiser_name, live)
+
+    def _save_lora(self, folder: Path, denoiser_state: dict | None = None) -> None:
         import inspect
 
         name = self.denoiser_name
         save = type(self.pipe).save_lora_weights
-        state = self.lora_state_dict()
+        state = self.lora_state_dict(denoiser_state)
         kw = {f"{name}_lora_layers": state}
         meta_key = f"{name}_lora_adapter_metadata"
         if meta_key in inspect.signature(save).parameters:

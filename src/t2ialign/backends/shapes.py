@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from t2ialign.backends.base import resharded
 from t2ialign.models.generator import Cond, Generator, save_generator
 from t2ialign.sampling import flow
 
@@ -22,13 +23,14 @@ class ShapesBackend:
     """
 
     prediction = "flow"
+    merges_lora_on_save = True  # save() needs the whole UNet, not just the adapters
 
     def __init__(self, generator: Generator, sde_a: float = 0.7):
         self.gen = generator
         self.gen.text.requires_grad_(False)
         self.sde_a = sde_a
         self._ref: nn.Module | None = None
-        self._lora = False
+        self._lora: dict | None = None  # rank and alpha once LoRA is enabled
         self._cache: dict[str, Cond] = {}
 
     # -- identity and shapes ----------------------------------------------------------------------
@@ -106,14 +108,18 @@ class ShapesBackend:
     def enable_lora(self, rank: int = 8, alpha: float = 16.0) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        if self._lora:
+        if self._lora is not None:
             raise RuntimeError("LoRA is already enabled on this backend")
         cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
         self.gen.unet.requires_grad_(False)
         inject_adapter_in_model(cfg, self.gen.unet)
         for name, p in self.gen.unet.named_parameters():
             p.requires_grad_("lora_" in name)
-        self._lora = True
+        self._lora = {"rank": rank, "alpha": alpha}
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self._lora is not None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.gen.unet.parameters() if p.requires_grad]
@@ -125,7 +131,7 @@ class ShapesBackend:
 
     @contextlib.contextmanager
     def reference(self):
-        if self._lora:
+        if self._lora is not None:
             from peft.tuners.lora import LoraLayer
 
             layers = [m for m in self.gen.unet.modules() if isinstance(m, LoraLayer)]
@@ -146,10 +152,23 @@ class ShapesBackend:
             finally:
                 self.gen.unet = live
 
-    def merged_generator(self) -> Generator:
-        """A plain generator with any LoRA adapters merged into the weights."""
-        g = copy.deepcopy(self.gen).cpu()
-        if self._lora:
+    def merged_generator(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> Generator:
+        """A plain generator with any LoRA adapters merged into the weights. ``denoiser_state`` (the
+        UNet's full state dict, LoRA weights included; what an FSDP run gathers) replaces the live
+        UNet's weights, which are then shards."""
+        if denoiser_state is None:
+            g = copy.deepcopy(self.gen).cpu()
+        else:
+            g = Generator(self.gen.config, model_id=self.gen.model_id)
+            g.text.load_state_dict(self.gen.text.state_dict())
+            if self._lora is not None:
+                from peft import LoraConfig, inject_adapter_in_model
+
+                r, a = self._lora["rank"], self._lora["alpha"]
+                cfg = LoraConfig(r=r, lora_alpha=a, target_modules=LORA_TARGETS, lora_dropout=0.0)
+                inject_adapter_in_model(cfg, g.unet)
+            g.unet.load_state_dict(denoiser_state)
+        if self._lora is not None:
             from peft.tuners.lora import LoraLayer
 
             for m in list(g.unet.modules()):
@@ -163,15 +182,19 @@ class ShapesBackend:
             g = plain
         return g
 
-    def save(self, folder, card: dict | None = None) -> None:
-        """Save a generator folder that ``load_generator`` / ``t2ialign sample --model`` read."""
-        save_generator(self.merged_generator(), folder, card={"name": "shapes-finetuned", **(card or {})})
+    def save(self, folder, card: dict | None = None, denoiser_state: dict | None = None) -> None:
+        """Save a generator folder that ``load_generator`` / ``t2ialign sample --model`` read
+        (``denoiser_state``: see :meth:`merged_generator`)."""
+        g = self.merged_generator(denoiser_state)
+        save_generator(g, folder, card={"name": "shapes-finetuned", **(card or {})})
 
     def state_dict_trainable(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.gen.unet.named_parameters() if v.requires_grad}
+        return {
+            k: v.detach().clone() for k, v in resharded(self.gen.unet).named_parameters() if v.requires_grad
+        }
 
     def load_state_dict_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.gen.unet.named_parameters())
+        params = dict(resharded(self.gen.unet).named_parameters())
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)

@@ -210,7 +210,10 @@ def cmd_finetune(args) -> int:
         kwargs["accelerator"] = accelerator
         device = accelerator.device
         if accelerator.is_main_process:
-            print(f"{args.method}: data-parallel over {accelerator.num_processes} processes ({device.type})")
+            fsdp = str(accelerator.distributed_type.value) == "FSDP"
+            how = "FSDP2, the denoiser sharded" if fsdp else "replicated weights"
+            n = accelerator.num_processes
+            print(f"{args.method}: data-parallel over {n} processes ({device.type}, {how})")
     is_main = accelerator is None or accelerator.is_main_process
     if args.model is None:
         backend = ShapesBackend(load_generator(device=device if device is not None else "cpu"))

@@ -1,0 +1,258 @@
+"""Data parallelism over Hugging Face Accelerate's processes: DDP arithmetic, or FSDP2 sharding.
+
+Every trainer takes an optional ``accelerate.Accelerator`` and sees it only through :class:`Ranks`.
+Two modes, picked by the accelerator's ``distributed_type``:
+
+- replicated weights (``MULTI_GPU``, ``MULTI_CPU``, ...): each rank holds the whole denoiser and the
+  trainers average the gradients with :meth:`Ranks.sync_grads` (DDP's arithmetic);
+- ``FSDP`` (``fsdp_version: 2``): :meth:`Ranks.shard_denoiser` shards the trainable denoiser in place
+  with PyTorch's ``fully_shard`` (through accelerate's ``fsdp2_prepare_model``, so the config's
+  ``fsdp_reshard_after_forward``, mixed precision, CPU offload and wrap policy apply). Its
+  parameters, gradients and optimiser state become ``DTensor`` shards; FSDP reduce-scatters the
+  gradients in the backward pass, so :meth:`Ranks.sync_grads` has nothing left to do. With
+  ``fsdp_reshard_after_forward: false`` (``configs/accelerate/fsdp_zero2.yaml``) the parameters stay
+  gathered between forward and backward: the gradients and optimiser state are sharded, as in
+  DeepSpeed ZeRO stage 2. Checkpoints and the saved model hold full (unsharded) tensors, so a run
+  resumes with another number of processes.
+
+DeepSpeed and Megatron-LM accelerators are refused: their engines own the backward pass and the
+optimiser step, which the trainers drive themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t2ialign.backends.base import resharded
+
+REFUSED = ("DEEPSPEED", "MEGATRON_LM")
+"""Accelerate's distributed types that :class:`Ranks` refuses (their engines own backward and step)."""
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+class Ranks:
+    """The data-parallel view of an optional ``accelerate.Accelerator``: which shard of a global batch
+    this process owns, collectives over ranks, who writes logs and checkpoints, and (under FSDP) the
+    sharding of the denoiser.
+
+    With replicated weights, gradients are averaged by :meth:`sync_grads` (one flat ``all_reduce``
+    of the trainable gradients over ``torch.distributed``) rather than by wrapping the denoiser with
+    ``accelerator.prepare``: the backends call their denoiser themselves, swap it for the frozen
+    reference, inject LoRA into it and save it by parameter name, all of which a DDP wrapper would
+    break. The averaging is DDP's arithmetic (mean of the per-rank gradients) without its overlap of
+    communication and backward. FSDP2 shards the module in place and keeps its class and parameter
+    names, so the backends keep working on it (see the module docstring).
+
+    With no accelerator, or one of a single process, every method is the identity (or a no-op), so
+    single-process training is unchanged.
+    """
+
+    def __init__(self, accelerator=None):
+        kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
+        if kind in REFUSED:
+            raise ValueError(
+                f"this accelerator is set up for {kind}, which the t2ialign trainers do not support: its "
+                "engine owns the backward pass and the optimiser step, which the trainers drive "
+                "themselves. Launch with an FSDP config (configs/accelerate/fsdp.yaml; fsdp_zero2.yaml "
+                "shards gradients and optimiser state as ZeRO-2 does) or a DDP config "
+                "(configs/accelerate/ddp_multi_gpu.yaml, multi_node.yaml) instead."
+            )
+        self.fsdp = None  # accelerate's FullyShardedDataParallelPlugin under FSDP
+        if kind == "FSDP":
+            plugin = accelerator.state.fsdp_plugin
+            version = int(getattr(plugin, "fsdp_version", 1) or 1)
+            if version != 2:
+                raise ValueError(
+                    f"this accelerator is set up for FSDP version {version}; the t2ialign trainers use "
+                    "FSDP2 (per-parameter sharding, which keeps parameter names and LoRA working). Set "
+                    "fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp.yaml)."
+                )
+            self.fsdp = plugin
+        self.acc = accelerator
+        self.rank = int(accelerator.process_index) if accelerator is not None else 0
+        self.world = int(accelerator.num_processes) if accelerator is not None else 1
+        # collectives run on the accelerator's device (NCCL takes no CPU tensors)
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+        self.module: torch.nn.Module | None = None  # the sharded denoiser, after shard_denoiser
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc is None or bool(self.acc.is_main_process)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether :meth:`shard_denoiser` has sharded a denoiser (FSDP)."""
+        return self.module is not None
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of a global batch of ``n`` (which must split evenly)."""
+        if n % self.world:
+            raise ValueError(f"a global batch of {n} does not split over {self.world} processes")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def generator(self, seed: int, step: int) -> torch.Generator:
+        """:func:`~t2ialign.algorithms.common.seeded` on rank 0 (so one process draws what it always
+        drew), a distinct stream on every other rank."""
+        from t2ialign.algorithms.common import seeded
+
+        if self.rank == 0:
+            return seeded(seed, step)
+        return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 7919 + self.rank * 2**40)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate the ranks' tensors (equal shapes) along dim 0, in rank order (on ``t``'s device;
+        the collective itself runs on the accelerator's)."""
+        if not self.active:
+            return t
+        return self.acc.gather(t.contiguous().to(self.device)).to(t.device)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        out = t.detach().to(self.device, copy=True)
+        dist.all_reduce(out)
+        return out.to(t.device)
+
+    def mean_scalars(self, row: dict[str, float]) -> dict[str, float]:
+        """Each scalar averaged over ranks (every rank must hold the same keys)."""
+        if not self.active or not row:
+            return row
+        keys = sorted(row)
+        vals = self.all_sum(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / self.world
+        return {k: float(v) for k, v in zip(keys, vals.tolist(), strict=True)}
+
+    # ---- replicated weights ----------------------------------------------------------------------
+
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace every trainable gradient by its mean over ranks. A parameter without a gradient on
+        every rank keeps none (as in one process); one with a gradient on some rank counts as zero
+        on the others. A no-op under FSDP, whose backward pass already averaged the gradients."""
+        if not self.active or self.sharded:
+            return
+        import torch.distributed as dist
+
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(has)
+        live = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+        if not live:
+            return
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in live]
+        ).to(self.device)
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in live:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.device, copy=True)
+            offset += n
+
+    def broadcast_params(self, params: list[torch.nn.Parameter]) -> None:
+        """Make every rank start from rank 0's trainable weights (a no-op once sharded: the shards
+        were cut from rank 0's weights)."""
+        if not self.active or self.sharded:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                buf = p.data.to(self.device, copy=True)
+                dist.broadcast(buf, 0)
+                p.data.copy_(buf)
+
+    def wait(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+    # ---- FSDP2 -----------------------------------------------------------------------------------
+
+    def shard_denoiser(self, backend, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """Under FSDP, shard ``backend.denoiser()`` in place and return its trainable parameters (now
+        ``DTensor`` shards, to build the optimiser on); otherwise return ``params`` unchanged.
+
+        Call it after LoRA is injected and the full fine-tuning reference is snapshotted (the
+        reference stays a replicated, frozen copy) and before the optimiser is built. Rank 0's
+        trainable weights are broadcast first, so random LoRA initialisations agree."""
+        if self.fsdp is None:
+            return params
+        if self.sharded:
+            raise RuntimeError("the denoiser is already sharded")
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        self.broadcast_params(params)
+        net = backend.denoiser()
+        prepared = fsdp2_prepare_model(self.acc, net)
+        if prepared is not net:  # accelerate shards in place; a new module would not be the backend's
+            raise RuntimeError("accelerate's FSDP2 preparation returned a new module; cannot shard in place")
+        self.module = net
+        return backend.trainable_parameters()
+
+    def full(self, tree):
+        """``tree`` (a tensor, or dicts / lists / tuples of them) with every ``DTensor`` shard gathered
+        into a full CPU tensor. A collective under FSDP: every rank must call it, in the same order."""
+        if isinstance(tree, dict):
+            return {k: self.full(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.full(v) for v in tree)
+        if _is_dtensor(tree):
+            return tree.full_tensor().detach().cpu()
+        return tree
+
+    def local_like(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A full tensor cut into this rank's shard the way ``like`` (a ``DTensor``) is sharded; the
+        tensor itself when ``like`` is a plain tensor."""
+        if not _is_dtensor(like):
+            return full.to(like.device)
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+
+    def optimizer_state(self, optimizer) -> dict:
+        """The optimiser's state dict; under FSDP the full (unsharded) one, keyed by parameter name,
+        on the main process (a collective: every rank must call it)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(resharded(self.module), optimizer, options=opts)
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load what :meth:`optimizer_state` returned (every rank passes the full state)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # strict=False: a parameter that never had a gradient has no Adam state (as in one process)
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(self.module, optimizer, state, options=opts)
+
+    def denoiser_state(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The sharded denoiser's full state dict (CPU tensors) on the main process, empty on the
+        others; with ``trainable_only`` just the trainable parameters (all a LoRA save needs). A
+        collective: every rank must call it."""
+        if not self.sharded:
+            raise RuntimeError("no sharded denoiser")
+        resharded(self.module)
+        if trainable_only:
+            full = {k: self.full(p.detach()) for k, p in self.module.named_parameters() if p.requires_grad}
+            return full if self.is_main else {}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=opts)
