@@ -362,6 +362,23 @@ def test_grpo_refuses_another_methods_run(tmp_path):
         )
 
 
+def test_a_non_finite_reward_is_a_clear_error(tmp_path):
+    def half_nan(images, prompts, metadata):
+        r = images[:, 0].mean((1, 2))
+        r[0] = float("nan")
+        return r, {}
+
+    with pytest.raises(ValueError, match="non-finite rewards for 1 images, e.g. 'two blue squares'"):
+        train_grpo(
+            _tiny_backend(),
+            half_nan,
+            ROWS,
+            GRPOConfig(iterations=1, group_size=2, train_steps=2),
+            tmp_path,
+            progress=False,
+        )
+
+
 class EpsilonBackend(ShapesBackend):
     """The tiny UNet read as an epsilon-prediction model on a DDPM schedule (1000 steps, linear
     betas): the stochastic step is DDIM with eta = 1, as a diffusers SD backend's."""

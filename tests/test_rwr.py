@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from t2ialign.algorithms.common import read_log
 from t2ialign.algorithms.rwr import RWRConfig, WeightedSamples, rwr_loss, train_rwr
 from t2ialign.backends import ShapesBackend
 from t2ialign.models import build_generator, load_generator
@@ -86,6 +87,20 @@ def test_rwr_smoke(tmp_path, lora_rank):
 def test_rwr_needs_pretrain_data_when_beta_positive(tmp_path):
     with pytest.raises(ValueError, match="pretrain_source"):
         train_rwr(_tiny_backend(), RWRConfig(steps=1, beta=1.0), _data(), tmp_path, progress=False)
+
+
+def test_rwr_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path):
+    """A NaN in the data makes the loss NaN: training stops at that step with a clear error, and
+    neither a checkpoint nor a model holding NaN weights is written."""
+    data = _data()
+    data.images[:] = float("nan")
+    cfg = RWRConfig(steps=3, batch_size=4, pretrain_batch_size=0, beta=0.0, checkpoint_every=1)
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 1 \(loss=nan.*keeps its last checkpoint"
+    ):
+        train_rwr(_tiny_backend(), cfg, data, tmp_path, progress=False)
+    assert not (tmp_path / "trainer_state.pt").exists() and not (tmp_path / "model.safetensors").exists()
+    assert read_log(tmp_path) == []
 
 
 def test_rwr_resume_matches_uninterrupted(tmp_path):

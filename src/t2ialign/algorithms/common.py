@@ -7,6 +7,7 @@ reward function ``reward_fn(images, prompts, metadata) -> (rewards, info)``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -265,7 +266,30 @@ def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: l
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.shape != (images.shape[0],):
         raise ValueError(f"reward_fn returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)")
+    if not torch.isfinite(rewards).all():
+        bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
+        hint = " (the images themselves are not finite)" if not torch.isfinite(images).all() else ""
+        raise ValueError(
+            f"reward_fn returned non-finite rewards for {len(bad)} images{hint}, e.g. {bad[0]!r}"
+        )
     return rewards, info or {}
+
+
+def check_finite(row: dict[str, float], step: int, ranks, out: Path) -> None:
+    """Stop training with a clear error when a loss of this step is not finite, before the step is
+    logged or saved (so ``out`` keeps the last good checkpoint). Every rank must call it: the verdict
+    is shared, so no rank is left waiting in a collective."""
+    keys = [k for k in row if k == "loss" or k.endswith("_loss")]
+    bad = float(sum(not math.isfinite(float(row[k])) for k in keys))
+    if ranks.active:
+        bad = float(ranks.all_sum(torch.tensor(bad, dtype=torch.float64)))
+    if bad:
+        values = ", ".join(f"{k}={float(row[k]):.4g}" for k in keys)
+        raise FloatingPointError(
+            f"a non-finite loss at step {step} ({values}): training stopped before this step was logged "
+            f"or saved, and {out} keeps its last checkpoint. Usual causes: a learning rate too high, or "
+            "half-precision weights (try --dtype float32)."
+        )
 
 
 # ---- data parallelism (Hugging Face Accelerate): see t2ialign.algorithms.parallel -----------------

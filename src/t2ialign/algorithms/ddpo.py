@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2ialign.algorithms.common import Ranks, RunLogger, save_model, save_trainer_state, setup_trainable
+from t2ialign.algorithms.common import (
+    Ranks,
+    RunLogger,
+    check_finite,
+    save_model,
+    save_trainer_state,
+    setup_trainable,
+)
 from t2ialign.algorithms.grpo import (
     check_prompts,
     collect_rollouts,
@@ -244,6 +251,7 @@ def train_ddpo(
             "train_s": time.perf_counter() - t1,
             **ranks.mean_scalars(scalar_info(batch.info)),
         }
+        check_finite(row, it + 1, ranks, out)
         if ranks.is_main:
             logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})

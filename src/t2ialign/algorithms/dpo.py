@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
+    check_finite,
     check_lr_and_lora,
     load_trainer_state,
     save_model,
@@ -186,6 +187,7 @@ def train_dpo(
             "ref_mse": float(ref_err.mean()),
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
+        check_finite(row, k + 1, ranks, out)
         if ranks.is_main:
             logger.log(k + 1, row)
         rows.append({"step": k + 1, **row})

@@ -33,6 +33,7 @@ from t2ialign.algorithms.common import (
     RunLogger,
     Trajectory,
     call_reward,
+    check_finite,
     initial_noise,
     load_trainer_state,
     rollout,
@@ -403,6 +404,7 @@ def train_group_policy(
         }
         if window is not None:
             row["window_start"] = float(first)
+        check_finite(row, it + 1, ranks, out)
         if ranks.is_main:
             logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})

@@ -51,6 +51,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_finite,
     check_lr_and_lora,
     load_trainer_state,
     save_model,
@@ -372,6 +373,7 @@ def train_nft(
             "ema_decay": eta,
             **ranks.mean_scalars(scalar_info(info)),
         }
+        check_finite(row, it + 1, ranks, out)
         if ranks.is_main:
             logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})

@@ -29,6 +29,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_finite,
     check_lr_and_lora,
     load_trainer_state,
     save_model,
@@ -212,6 +213,7 @@ def train_raft(
             "kept": float(len(keep)),
             **ranks.mean_scalars(scalar_info(info)),
         }
+        check_finite(row, rnd + 1, ranks, out)
         if ranks.is_main:
             logger.log(rnd + 1, row)
         rows.append({"step": rnd + 1, **row})

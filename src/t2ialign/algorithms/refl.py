@@ -38,6 +38,7 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
+    check_finite,
     check_lr_and_lora,
     load_trainer_state,
     save_model,
@@ -275,6 +276,7 @@ def _train_reward_gradient(
             **scalar_info(info),
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
+        check_finite(row, it + 1, ranks, out)
         if ranks.is_main:
             logger.log(it + 1, row)
         rows.append({"step": it + 1, **row})

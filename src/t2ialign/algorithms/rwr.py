@@ -21,6 +21,7 @@ import torch
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
+    check_finite,
     check_lr_and_lora,
     load_trainer_state,
     save_model,
@@ -236,6 +237,7 @@ def train_rwr(
         if ranks.active:  # the global batch's values (equal shards: means of the ranks' means)
             wl, ws = ranks.all_sum(torch.stack([(w * ml).sum(), w.sum()])).tolist()
             row = {**ranks.mean_scalars(row), "model_loss": wl / max(ws, 1e-8)}
+        check_finite(row, k + 1, ranks, out)
         if ranks.is_main:
             logger.log(k + 1, row)
         rows.append({"step": k + 1, **row})
