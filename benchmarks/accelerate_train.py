@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "_no_split_modules (transformer, TRANSFORMER_BASED_WRAP; diffusers models)",
     )
     ap.add_argument("--lora-rank", type=int, default=0, help="GRPO, DDPO, RWR: LoRA rank (0: full)")
+    ap.add_argument("--dtype", default="float32", help="--model: storage dtype of the frozen weights")
     ap.add_argument(
         "--model",
         default=None,
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         pipeline = json.loads((Path(args.model) / "model_index.json").read_text())["_class_name"]
         flow = "StableDiffusion3" in pipeline or "Flux" in pipeline
-        backend = load_backend(args.model, device="cpu", **({"max_sequence_length": 16} if flow else {}))
+        opts = {"max_sequence_length": 16} if flow else {}
+        backend = load_backend(args.model, device="cpu", dtype=args.dtype, **opts)
         torch.manual_seed(0)  # LoRA's random initialisation: the same in every run
     else:
         backend = tiny_backend()
