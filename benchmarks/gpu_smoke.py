@@ -9,8 +9,10 @@ pipeline on CUDA. Writes ``$OUT/gpu_check.json`` and prints ALL_OK or SOME_FAILE
     SDPA_MATH=1 OUT=/tmp python benchmarks/gpu_smoke.py      # attention through the math kernel only
 
 Known (2026-11-26, H100, torch 2.11 + CUDA 13): FLUX in bf16 gives NaN training losses while
-sampling is finite; SD 1.5, SDXL and SD3 pass. ``SDPA_MATH=1`` tells whether the fused attention
-kernels are the cause.
+sampling is finite; SD 1.5, SDXL and SD3 pass (the trainers now stop at such a step with a
+``FloatingPointError``). ``SDPA_MATH=1`` tells whether the fused attention kernels are the cause;
+``flux/diagnosis_bf16`` tabulates the loss (and LoRA gradients) with and without autograd, with and
+without LoRA, under each SDPA kernel alone.
 """
 
 import json
@@ -193,5 +195,59 @@ def nft():
 
 
 run("sd3/nft_bf16", nft)
+
+
+def flux_diagnosis():
+    """Where FLUX's bf16 training NaN comes from: the denoising loss and its LoRA gradients, with
+    and without autograd, with and without LoRA, under each SDPA kernel alone (issue 8)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from t2ialign.backends.base import denoising_loss
+
+    kernels = {
+        "default": None,
+        **{
+            k.name: k
+            for k in (
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH,
+            )
+        },
+    }
+    table = {}
+    for lora in (False, True):
+        be = load_backend(f"{WORK}/pipes/flux", device=DEV, dtype="bfloat16", **OPTS["flux"])
+        if lora:
+            be.enable_lora(4, 4.0)
+        g = torch.Generator().manual_seed(0)
+        x0 = be.encode_images(torch.rand(2, 3, 16, 16, generator=g).to(DEV))
+        eps = torch.randn(x0.shape, generator=g).to(DEV, x0.dtype)
+        s = torch.rand(2, generator=g).to(DEV)
+        cond = be.encode(PROMPTS[:2])
+        for name, k in kernels.items():
+            for grad in (False, True):
+                key = f"{'lora' if lora else 'base'}/{name}/{'grad' if grad else 'no_grad'}"
+                try:
+                    with (
+                        sdpa_kernel(k) if k is not None else torch.enable_grad(),
+                        torch.set_grad_enabled(grad),
+                    ):
+                        loss = denoising_loss(be, x0, cond, eps, s).mean()
+                        row = {"loss": float(loss)}
+                        if grad and lora:
+                            loss.backward()
+                            gs = [p.grad for p in be.trainable_parameters() if p.grad is not None]
+                            row["grads_finite"] = bool(all(torch.isfinite(x).all() for x in gs))
+                            for p in be.trainable_parameters():
+                                p.grad = None
+                except RuntimeError as e:
+                    row = {"unavailable": str(e)[:120]}
+                table[key] = row
+    return {"table": table}
+
+
+run("flux/diagnosis_bf16", flux_diagnosis)
 json.dump(results, open(os.path.join(OUT, "gpu_check.json"), "w"), indent=1)
 print("ALL_OK" if all(v.get("ok", True) for v in results.values() if isinstance(v, dict)) else "SOME_FAILED")
