@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import time
 from pathlib import Path
 
@@ -249,6 +250,7 @@ def main() -> int:
     log = {"val_auc_acc": [[0, *base_auc]], "loss": []}
     xs_gen = to_x(images)
     losses = []
+    best = (base_auc[2], 0, {n: t.detach().clone() for n, t in model.state_dict().items()}) if vp is not None else None  # project AUC, step, state
     for k in range(args.steps):
         for pg in opt.param_groups:
             pg["lr"] = args.lr * min(1.0, (k + 1) / 50) * 0.5 * (1 + math.cos(math.pi * k / args.steps))
@@ -294,6 +296,8 @@ def main() -> int:
             a = validate()
             model.train()
             log["val_auc_acc"].append([k + 1, *a])
+            if best is not None and a[2] > best[0]:
+                best = (a[2], k + 1, {n: t.detach().clone() for n, t in model.state_dict().items()})
             log["loss"].append([k + 1, float(np.mean(losses[-50:]))])
             print(
                 f"step {k + 1}: loss {np.mean(losses[-50:]):.3f}, val AUC {a[0]:.4f} acc {a[1]:.4f}; "
@@ -301,6 +305,10 @@ def main() -> int:
                 f"{time.time() - t0:.0f} s",
                 flush=True,
             )
+    if best is not None:
+        model.load_state_dict(best[2])
+        log["selected_step"] = best[1]
+        print(f"kept step {best[1]} (best project AUC {best[0]:.4f})", flush=True)
     model.eval().requires_grad_(False)
     ret = zero_shot_retrieval(model, n=args.retrieval_n)
     print(f"zero-shot retrieval: overall {ret['overall']:.3f}; " + ", ".join(
@@ -310,8 +318,7 @@ def main() -> int:
         model,
         args.out,
         card={
-            "training_command": "python benchmarks/encoder_finetune.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            "training_command": "python " + shlex.join(sys.argv),
             "finetuned_from": "the shipped encoder (src/t2ialign/checkpoints/encoder)",
             "finetune_config": vars(args),
             "finetune_data": {
