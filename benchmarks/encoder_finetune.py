@@ -108,7 +108,9 @@ def prepare(images, prompts):
             cap = None
         if cap is None:
             dropped += 1
-        rows.append({"prompt": p, "verdict": verdict, "caption": to_prompt(cap) if cap else None, "spec": cap})
+        rows.append(
+            {"prompt": p, "verdict": verdict, "caption": to_prompt(cap) if cap else None, "spec": cap}
+        )
     return rows, dropped
 
 
@@ -129,8 +131,12 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         k = torch.exp(-(r**2) / (2 * sig[i] ** 2))
         k = k / k.sum()
         xi = x[i : i + 1]
-        xi = F.conv2d(F.pad(xi, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
-        xi = F.conv2d(F.pad(xi, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        xi = F.conv2d(
+            F.pad(xi, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3
+        )
+        xi = F.conv2d(
+            F.pad(xi, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3
+        )
         out.append(xi[0])
     x = torch.stack(out)
     noise = torch.randn(x.shape, generator=g) * (torch.rand(B, 1, 1, 1, generator=g) * 0.04)
@@ -185,7 +191,9 @@ def load_project(path: str, banned: set[str]):
     if leaked:
         raise SystemExit(f"{path} holds test prompts ({sorted(leaked)[:3]}...): not a validation set")
     images = np.stack([store.load_image_file(g["image_sha256"]) for g in gens])
-    rows = [{"prompt": g["prompt"], "verdict": bool(check(im, g["spec"]).correct)} for g, im in zip(gens, images)]
+    rows = [
+        {"prompt": g["prompt"], "verdict": bool(check(im, g["spec"]).correct)} for g, im in zip(gens, images)
+    ]
     return images, rows
 
 
@@ -201,12 +209,23 @@ def main() -> int:
     ap.add_argument("--data-seed", type=int, default=505, help="render stream seed (pre-training: 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--rank-weight", type=float, default=0.0,
+        "--rank-weight",
+        type=float,
+        default=0.0,
         help="weight of a pairwise ranking loss: cos(image, its prompt) of checker-correct images above "
         "that of rejected ones (softplus(-10 (cos_pos - cos_neg)), over the batch's generated images)",
     )
+    ap.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="flip each checker verdict with this probability (the simulated rater's labels) before "
+        "the ranking loss, the hard negatives and the checkpoint selection see it",
+    )
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--val-project", default=None, help="a feedback project of training prompts to validate on")
+    ap.add_argument(
+        "--val-project", default=None, help="a feedback project of training prompts to validate on"
+    )
     ap.add_argument("--retrieval-n", type=int, default=1000)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -230,6 +249,11 @@ def main() -> int:
         flush=True,
     )
     vp = load_project(args.val_project, banned) if args.val_project else None
+    if args.label_noise > 0:  # rater labels instead of checker verdicts, everywhere a verdict is used
+        noise = np.random.default_rng([args.seed, 99])
+        for rs in [rows] + ([vp[1]] if vp is not None else []):
+            for r, f in zip(rs, noise.random(len(rs)) < args.label_noise, strict=True):
+                r["verdict"] = bool(r["verdict"]) ^ bool(f)
     model = load_encoder(None)
 
     def validate():
@@ -250,7 +274,11 @@ def main() -> int:
     log = {"val_auc_acc": [[0, *base_auc]], "loss": []}
     xs_gen = to_x(images)
     losses = []
-    best = (base_auc[2], 0, {n: t.detach().clone() for n, t in model.state_dict().items()}) if vp is not None else None  # project AUC, step, state
+    best = (
+        (base_auc[2], 0, {n: t.detach().clone() for n, t in model.state_dict().items()})
+        if vp is not None
+        else None
+    )  # project AUC, step, state
     for k in range(args.steps):
         for pg in opt.param_groups:
             pg["lr"] = args.lr * min(1.0, (k + 1) / 50) * 0.5 * (1 + math.cos(math.pi * k / args.steps))
@@ -274,7 +302,7 @@ def main() -> int:
             if t not in texts:
                 texts[t] = len(texts)
         for i in idx:
-            if not rows[i]["verdict"] and rows[i]["prompt"] not in texts:
+            if rows[i]["prompt"] not in texts:  # (accepted images' captions are their prompts)
                 texts[rows[i]["prompt"]] = len(texts)
         img = model.encode_image(x)
         txt = model.encode_text(list(texts))
@@ -311,8 +339,11 @@ def main() -> int:
         print(f"kept step {best[1]} (best project AUC {best[0]:.4f})", flush=True)
     model.eval().requires_grad_(False)
     ret = zero_shot_retrieval(model, n=args.retrieval_n)
-    print(f"zero-shot retrieval: overall {ret['overall']:.3f}; " + ", ".join(
-        f"{a} {v['accuracy']:.3f}" for a, v in ret["per_attribute"].items()), flush=True)
+    print(
+        f"zero-shot retrieval: overall {ret['overall']:.3f}; "
+        + ", ".join(f"{a} {v['accuracy']:.3f}" for a, v in ret["per_attribute"].items()),
+        flush=True,
+    )
     wall = time.time() - t0
     save_encoder(
         model,
@@ -322,8 +353,11 @@ def main() -> int:
             "finetuned_from": "the shipped encoder (src/t2ialign/checkpoints/encoder)",
             "finetune_config": vars(args),
             "finetune_data": {
-                "generated_images": len(rows), "train_images": len(tr), "val_images": len(va),
-                "without_caption": dropped, "val_prompts": len(val_p),
+                "generated_images": len(rows),
+                "train_images": len(tr),
+                "val_images": len(va),
+                "without_caption": dropped,
+                "val_prompts": len(val_p),
                 "note": "seen-split prompts only, none of reward_eval's test project; seeds 10_000_000+",
             },
             "finetune_log": log,

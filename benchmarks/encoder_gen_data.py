@@ -55,7 +55,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2400)
     ap.add_argument("--chunk", type=int, default=192)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--first-chunk", type=int, default=0, help="skip the chunks before (another process makes them)")
+    ap.add_argument(
+        "--first-chunk", type=int, default=0, help="skip the chunks before (another process makes them)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -74,8 +76,17 @@ def main() -> int:
         seeds = [SEED0 + s + i for i in range(len(ps))]
         imgs = []
         for b in range(0, len(ps), args.batch):
-            imgs.append(generate_images(model, ps[b : b + args.batch], seeds[b : b + args.batch], steps=20, guidance=3.0))
-        np.savez(path.with_suffix(".tmp.npz"), images=np.concatenate(imgs), prompts=np.array(ps), seeds=np.array(seeds))
+            imgs.append(
+                generate_images(
+                    model, ps[b : b + args.batch], seeds[b : b + args.batch], steps=20, guidance=3.0
+                )
+            )
+        np.savez(
+            path.with_suffix(".tmp.npz"),
+            images=np.concatenate(imgs),
+            prompts=np.array(ps),
+            seeds=np.array(seeds),
+        )
         path.with_suffix(".tmp.npz").rename(path)
         print(f"chunk {c}: {s + len(ps)}/{args.n} images, {time.time() - t0:.0f} s", flush=True)
     return 0

@@ -233,7 +233,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--only-data", action="store_true", help="stop after generating and labelling")
     ap.add_argument(
-        "--encoder", default=None, help="encoder folder for every reward and the similarity (default: shipped)"
+        "--encoder",
+        default=None,
+        help="encoder folder for every reward and the similarity (default: shipped)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
