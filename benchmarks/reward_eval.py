@@ -27,6 +27,10 @@ The seed paper's setting in the shapes world:
    project), ``heldout`` (held-out prompts of the seen suite) and ``unseen`` (the unseen suite).
 
 Images and labels are cached in ``--work`` (feedback projects), so a rerun only trains and scores.
+``--encoder FOLDER`` replaces the shipped encoder (the frozen backbone of every reward variant and of
+``similarity``) by another encoder folder of the same kind; the reward heads then go to
+``models-<fingerprint of its weights>`` so that they never overwrite those of another encoder
+(embeddings are recomputed on every run, never cached on disk).
 
 ::
 
@@ -228,6 +232,11 @@ def main() -> int:
     ap.add_argument("--variants", default=None, help="comma-separated reward variants (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--only-data", action="store_true", help="stop after generating and labelling")
+    ap.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder folder for every reward and the similarity (default: shipped)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -249,7 +258,9 @@ def main() -> int:
         print(f"data ready in {t_data:.0f} s")
         return 0
 
-    backbone = EncoderBackbone()
+    backbone = EncoderBackbone(args.encoder)
+    models_dir = work / ("models" if args.encoder is None else f"models-{backbone.fingerprint}")
+    print(f"encoder: {backbone.reference()}", flush=True)
     verdicts: dict = {}  # the checker's verdict per (image, prompt), shared by all scorings
     variants = {  # name -> RewardTrainConfig settings
         "reward": dict(aux=True),
@@ -272,7 +283,7 @@ def main() -> int:
         runs = []
         for seed in range(args.seeds):
             cfg = RewardTrainConfig(hidden=args.hidden, seed=seed, **({"pairs": False} | settings))
-            out = work / "models" / f"{name}-seed{seed}"
+            out = models_dir / f"{name}-seed{seed}"
             model = train_reward_model(
                 train_store, cfg, out=out, progress=False, backbone=backbone, name=name
             )
@@ -355,6 +366,7 @@ def main() -> int:
         {
             "settings": vars(args)
             | {"steps": STEPS, "guidance": GUIDANCE, "heldout_fraction": HELDOUT_FRACTION},
+            "encoder": backbone.reference(),
             "counts": {"train_project": train_store.counts(), "test_project": test_store.counts()},
             "target_unseen_checker_accuracy": TARGET_UNSEEN_CHECKER_ACCURACY,
             "target_met": bool(met),
