@@ -24,14 +24,12 @@ of (image, the prompt it was generated for) against the checker's verdict.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shlex
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 import torch
@@ -192,7 +190,8 @@ def load_project(path: str, banned: set[str]):
         raise SystemExit(f"{path} holds test prompts ({sorted(leaked)[:3]}...): not a validation set")
     images = np.stack([store.load_image_file(g["image_sha256"]) for g in gens])
     rows = [
-        {"prompt": g["prompt"], "verdict": bool(check(im, g["spec"]).correct)} for g, im in zip(gens, images)
+        {"prompt": g["prompt"], "verdict": bool(check(im, g["spec"]).correct)}
+        for g, im in zip(gens, images, strict=True)
     ]
     return images, rows
 
