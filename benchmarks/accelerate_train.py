@@ -352,7 +352,11 @@ def main(argv: list[str] | None = None) -> dict:
         dump = Path(args.dump)
         dump.mkdir(parents=True, exist_ok=True)
         unet = model.head if args.method == "reward" else backend.denoiser()
-        full = Ranks(accelerator).full  # gathers FSDP shards (a collective: every rank dumps)
+        ranks = Ranks(accelerator)  # gathers FSDP shards (a collective: every rank dumps)
+
+        def full(t):
+            return ranks.full(t, everywhere=True)
+
         state = {k: full(v.detach()).cpu() for k, v in unet.state_dict().items()}
         # the last step's gradient (averaged over ranks, clipped) is still on the parameters
         grads = {k: full(p.grad.detach()).cpu() for k, p in unet.named_parameters() if p.grad is not None}

@@ -74,6 +74,11 @@ def test_rwr_lora_ema_resumed_under_fsdp_matches_ddp(tmp_path):
     state = torch.load(tmp_path / "fsdp" / "trainer_state.pt", weights_only=False)
     assert all(isinstance(k, str) for k in state["optimizer"]["state"])  # FSDP's full state, by name
     assert all(type(e) is torch.Tensor for e in state["extra"]["ema"])  # gathered, not DTensor shards
+    # the same parameters hold Adam state as in the replicated run (DCP gives every parameter one)
+    names = list(state["trainable"])
+    state_d = torch.load(tmp_path / "ddp" / "trainer_state.pt", weights_only=False)
+    assert set(state["optimizer"]["state"]) == {names[i] for i in state_d["optimizer"]["state"]}
+    assert len(state_d["optimizer"]["state"]) < len(names)  # some LoRA weight never had a gradient
 
 
 def test_nft_fsdp_matches_ddp(tmp_path):

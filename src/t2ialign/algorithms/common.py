@@ -59,7 +59,8 @@ def load_trainer_state(out: Path, backend, optimizer, ranks=None) -> tuple[int, 
     path = out / CHECKPOINT
     if not path.exists():
         return 0, {}
-    state = torch.load(path, weights_only=False, map_location="cpu")
+    # mmap: the ranks of one machine share the file's pages instead of holding a copy each
+    state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
     names = [k for k, p in backend.denoiser().named_parameters() if p.requires_grad]
     optim = _optimizer_keys(state["optimizer"], names, by_name=ranks.sharded)
     live = backend.state_dict_trainable() if ranks.sharded else {}
@@ -260,18 +261,22 @@ def initial_noise(n: int, shape, generator: torch.Generator, device) -> torch.Te
     return torch.randn((n, *shape), generator=generator).to(device)
 
 
-def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None):
-    """Call a reward function and check what it returns."""
+def call_reward(reward_fn, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None, ranks=None):
+    """Call a reward function and check what it returns. Non-finite rewards are an error; with
+    ``ranks`` (every rank calls this for its share) the verdict is shared, so no rank is left waiting
+    in a collective."""
     rewards, info = reward_fn(images, prompts, metadata)
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     if rewards.shape != (images.shape[0],):
         raise ValueError(f"reward_fn returned shape {tuple(rewards.shape)}, expected ({images.shape[0]},)")
-    if not torch.isfinite(rewards).all():
-        bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()]
+    bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(rewards.detach())).flatten().tolist()]
+    n_bad = len(bad)
+    if ranks is not None and ranks.active:
+        n_bad = int(ranks.all_sum(torch.tensor(float(n_bad), dtype=torch.float64)))
+    if n_bad:
         hint = " (the images themselves are not finite)" if not torch.isfinite(images).all() else ""
-        raise ValueError(
-            f"reward_fn returned non-finite rewards for {len(bad)} images{hint}, e.g. {bad[0]!r}"
-        )
+        where = f", e.g. {bad[0]!r}" if bad else " on another rank"
+        raise ValueError(f"reward_fn returned non-finite rewards for {n_bad} images{hint}{where}")
     return rewards, info or {}
 
 

@@ -216,7 +216,9 @@ def train_ddpo(
         rng = np.random.default_rng([cfg.seed, it])
         chosen = [prompts[int(i)] for i in rng.integers(len(prompts), size=cfg.batch_size)]
         t0 = time.perf_counter()
-        batch = collect_rollouts(backend, reward_fn, chosen[mine], cfg.train_steps, cfg.guidance, None, g)
+        batch = collect_rollouts(
+            backend, reward_fn, chosen[mine], cfg.train_steps, cfg.guidance, None, g, ranks
+        )
         rewards = ranks.gather(batch.rewards)  # the global batch, in rank order (= the order of chosen)
         if cfg.per_prompt_stats:
             adv = tracker.update([r["prompt"] for r in chosen], rewards)

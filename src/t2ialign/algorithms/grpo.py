@@ -104,6 +104,7 @@ def collect_rollouts(
     guidance: float,
     stochastic: torch.Tensor | None,
     generator: torch.Generator,
+    ranks=None,
 ) -> Rollouts:
     """Sample one image per row (stochastic where ``stochastic`` says, all steps by default) and
     score it with ``reward_fn(images in [0, 1], prompts, rows)``."""
@@ -111,7 +112,7 @@ def collect_rollouts(
     cond = backend.encode(prompts)
     x1 = initial_noise(len(rows), backend.latent_shape, generator, backend.device)
     traj = rollout(backend, cond, x1, steps, guidance, stochastic=stochastic, generator=generator)
-    rewards, info = call_reward(reward_fn, backend.decode(traj.x0), prompts, rows)
+    rewards, info = call_reward(reward_fn, backend.decode(traj.x0), prompts, rows, ranks)
     return Rollouts(traj, cond, prompts, rewards.to(backend.device), info)
 
 
@@ -369,7 +370,7 @@ def train_group_policy(
         t0 = time.perf_counter()
         group_rows = [r for r in chosen for _ in range(G)]
         mine = ranks.shard(len(group_rows))
-        batch = collect_rollouts(backend, reward_fn, group_rows[mine], T, cfg.guidance, stochastic, g)
+        batch = collect_rollouts(backend, reward_fn, group_rows[mine], T, cfg.guidance, stochastic, g, ranks)
         rewards = ranks.gather(batch.rewards)  # the global groups, in rank order
         adv = group_advantages(rewards, G, cfg.adv_eps).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)[mine]
         t1 = time.perf_counter()

@@ -302,7 +302,7 @@ def train_nft(
         with torch.no_grad(), swapped_weights(backend, ema):
             x0 = sample_latents(backend, cond, N, cfg.sample_steps, cfg.guidance, g, cfg.sampler)
             images = backend.decode(x0)
-        local_rewards, info = call_reward(reward_fn, images, texts, meta)
+        local_rewards, info = call_reward(reward_fn, images, texts, meta, ranks)
         rewards = ranks.gather(local_rewards)  # the global groups, in rank order
         r_all, adv = nft_optimality(rewards, G, cfg.adv_clip, cfg.normaliser)
         r = r_all[mine].to(dev)

@@ -7,9 +7,10 @@ Two modes, picked by the accelerator's ``distributed_type``:
   trainers average the gradients with :meth:`Ranks.sync_grads` (DDP's arithmetic);
 - ``FSDP`` (``fsdp_version: 2``): :meth:`Ranks.shard_denoiser` shards the trainable denoiser in place
   with PyTorch's ``fully_shard`` (through accelerate's ``fsdp2_prepare_model``, so the config's
-  ``fsdp_reshard_after_forward``, mixed precision, CPU offload and wrap policy apply). Its
-  parameters, gradients and optimiser state become ``DTensor`` shards; FSDP reduce-scatters the
-  gradients in the backward pass, so :meth:`Ranks.sync_grads` has nothing left to do. With
+  ``fsdp_reshard_after_forward``, wrap policy, mixed precision and CPU offload apply; the last two
+  are untested). Its parameters, gradients and optimiser state become ``DTensor`` shards; FSDP
+  reduce-scatters the gradients in the backward pass, so :meth:`Ranks.sync_grads` has nothing left
+  to do. With
   ``fsdp_reshard_after_forward: false`` (``configs/accelerate/fsdp_zero2.yaml``) the parameters stay
   gathered between forward and backward: the gradients and optimiser state are sharded, as in
   DeepSpeed ZeRO stage 2. Checkpoints and the saved model hold full (unsharded) tensors, so a run
@@ -73,6 +74,12 @@ class Ranks:
                     f"this accelerator is set up for FSDP version {version}; the t2ialign trainers use "
                     "FSDP2 (per-parameter sharding, which keeps parameter names and LoRA working). Set "
                     "fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp.yaml)."
+                )
+            if getattr(plugin, "activation_checkpointing", False):
+                raise ValueError(
+                    "fsdp_activation_checkpointing is not applied by the t2ialign trainers (accelerate's "
+                    "FSDP2 preparation ignores it): set it to false and use the diffusers backend's "
+                    "gradient_checkpointing=True instead."
                 )
             self.fsdp = plugin
         self.acc = accelerator
@@ -201,15 +208,18 @@ class Ranks:
         self.module = net
         return backend.trainable_parameters()
 
-    def full(self, tree):
-        """``tree`` (a tensor, or dicts / lists / tuples of them) with every ``DTensor`` shard gathered
-        into a full CPU tensor. A collective under FSDP: every rank must call it, in the same order."""
+    def full(self, tree, everywhere: bool = False):
+        """``tree`` (a tensor, or dicts / lists of them) with every ``DTensor`` shard gathered into a
+        full CPU tensor, kept on the main process only (``None`` elsewhere: a checkpoint is written
+        by the main process, and N full copies of a large model would not fit in host memory) unless
+        ``everywhere``. A collective under FSDP: every rank must call it, in the same order."""
         if isinstance(tree, dict):
-            return {k: self.full(v) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(self.full(v) for v in tree)
+            return {k: self.full(v, everywhere) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self.full(v, everywhere) for v in tree]
         if _is_dtensor(tree):
-            return tree.full_tensor().detach().cpu()
+            t = tree.full_tensor().detach()
+            return t.cpu() if everywhere or self.is_main else None
         return tree
 
     def local_like(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -217,9 +227,19 @@ class Ranks:
         tensor itself when ``like`` is a plain tensor."""
         if not _is_dtensor(like):
             return full.to(like.device)
-        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-        return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+        out = distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+        dev = like.to_local().device  # the mesh's device, or the CPU under FSDP's CPU offload
+        if out.to_local().device != dev:
+            out = DTensor.from_local(
+                out.to_local().to(dev),
+                like.device_mesh,
+                like.placements,
+                shape=like.shape,
+                stride=like.stride(),
+            )
+        return out
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimiser's state dict; under FSDP the full (unsharded) one, keyed by parameter name,
@@ -228,19 +248,37 @@ class Ranks:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        if not optimizer.state:  # DCP would first take an lr = 0 step to create the state (step = 1)
+            names = {id(p): n for n, p in resharded(self.module).named_parameters()}
+            groups = [
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": [names[id(p)] for p in g["params"]],
+                }
+                for g in optimizer.param_groups
+            ]
+            return {"state": {}, "param_groups": groups}
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(resharded(self.module), optimizer, options=opts)
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
-        """Load what :meth:`optimizer_state` returned (every rank passes the full state)."""
+        """Load what :meth:`optimizer_state` returned (every rank passes the full state). A parameter
+        without state in ``state`` (it never had a gradient) gets none, as in one process."""
         if not self.sharded:
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        # strict=False: a parameter that never had a gradient has no Adam state (as in one process)
+        if not state["state"]:  # hyper-parameters only (DCP would take its lr = 0 step)
+            for g, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                g.update({k: v for k, v in saved.items() if k != "params"})
+            return
         opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_optimizer_state_dict(self.module, optimizer, state, options=opts)
+        set_optimizer_state_dict(resharded(self.module), optimizer, state, options=opts)
+        names = {id(p): n for n, p in resharded(self.module).named_parameters()}
+        for p in list(optimizer.state):  # DCP gives every parameter a state; drop the ones not saved
+            if names.get(id(p)) not in state["state"]:
+                del optimizer.state[p]
 
     def denoiser_state(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The sharded denoiser's full state dict (CPU tensors) on the main process, empty on the

@@ -170,7 +170,7 @@ def train_raft(
         x0 = sample_latents(backend, cond, len(texts), cfg.sample_steps, cfg.guidance, g)
         with torch.no_grad():
             images = backend.decode(x0)
-        local_rewards, info = call_reward(reward_fn, images, texts, meta)
+        local_rewards, info = call_reward(reward_fn, images, texts, meta, ranks)
         rewards = ranks.gather(local_rewards)  # the global set, in rank order
         keep = raft_select(rewards, K, cfg.min_reward)  # indices into the global set
         if not ranks.active:

@@ -248,7 +248,7 @@ def _train_reward_gradient(
             texts = texts * cfg.lv_samples
         else:
             images = draft_images(backend, cond, x1, grid, cfg.k, cfg.guidance)
-        rewards, info = call_reward(reward_fn, images, texts, meta)
+        rewards, info = call_reward(reward_fn, images, texts, meta, ranks)
         if not rewards.requires_grad:
             raise ValueError(
                 f"{method} needs a reward differentiable w.r.t. the pixels; reward_fn returned "
