@@ -179,8 +179,9 @@ def check_lr_and_lora(cfg) -> None:
 
 
 def setup_trainable(backend, lora_rank: int, lora_alpha: float, ranks=None) -> list[torch.nn.Parameter]:
-    """Enable LoRA (rank > 0) or full fine-tuning of the denoiser; returns the trainable parameters
-    (under FSDP, sharded by ``ranks``: build the optimiser after this)."""
+    """Enable LoRA (rank > 0) or full fine-tuning of the denoiser; returns the trainable parameters.
+    With ``ranks``, rank 0's trainable weights are broadcast to every rank, and under FSDP the
+    denoiser is then sharded (build the optimiser after this)."""
     if lora_rank > 0:
         backend.enable_lora(lora_rank, lora_alpha)
     else:
@@ -189,7 +190,10 @@ def setup_trainable(backend, lora_rank: int, lora_alpha: float, ranks=None) -> l
     params = backend.trainable_parameters()
     if not params:
         raise RuntimeError("the backend has no trainable parameters")
-    return ranks.shard_denoiser(backend, params) if ranks is not None else params
+    if ranks is None:
+        return params
+    ranks.broadcast_params(params)  # every rank starts from rank 0's weights (random LoRA inits differ)
+    return ranks.shard_denoiser(backend, params)
 
 
 def seeded(seed: int, step: int) -> torch.Generator:
@@ -295,6 +299,15 @@ def check_finite(row: dict[str, float], step: int, ranks, out: Path) -> None:
             f"or saved, and {out} keeps its last checkpoint. Usual causes: a learning rate too high, or "
             "half-precision weights (try --dtype float32)."
         )
+
+
+def record_step(rows: list[dict], row: dict[str, float], step: int, ranks, out: Path, logger) -> None:
+    """Book one training step: stop on a non-finite loss (:func:`check_finite`, every rank), log the
+    row (main process) and append it to ``rows``."""
+    check_finite(row, step, ranks, out)
+    if ranks.is_main:
+        logger.log(step, row)
+    rows.append({"step": step, **row})
 
 
 # ---- data parallelism (Hugging Face Accelerate): see t2ialign.algorithms.parallel -----------------

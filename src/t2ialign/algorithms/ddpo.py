@@ -26,7 +26,7 @@ import torch
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
-    check_finite,
+    record_step,
     save_model,
     save_trainer_state,
     setup_trainable,
@@ -182,11 +182,10 @@ def train_ddpo(
     out = Path(out)
     check_prompts(prompts)
     ranks = Ranks(accelerator)
+    mine = ranks.shard(cfg.batch_size)  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mine = ranks.shard(cfg.batch_size)  # fails early on an uneven split
     start, extra = resume(out, backend, opt, "ddpo", ranks)
-    ranks.broadcast_params(params)
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
     tracker.load_state_dict(extra.get("stats", {}))
     own_logger = logger is None
@@ -253,10 +252,7 @@ def train_ddpo(
             "train_s": time.perf_counter() - t1,
             **ranks.mean_scalars(scalar_info(batch.info)),
         }
-        check_finite(row, it + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(it + 1, row)
-        rows.append({"step": it + 1, **row})
+        record_step(rows, row, it + 1, ranks, out, logger)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             extra = {"method": "ddpo", "stats": tracker.state_dict()}

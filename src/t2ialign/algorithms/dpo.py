@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
-    check_finite,
     check_lr_and_lora,
     load_trainer_state,
+    record_step,
     save_model,
     save_trainer_state,
     seeded,
@@ -140,7 +140,6 @@ def train_dpo(
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, _ = load_trainer_state(out, backend, opt, ranks)
-    ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
         logger = logger or RunLogger(out, asdict(cfg))
@@ -187,10 +186,7 @@ def train_dpo(
             "ref_mse": float(ref_err.mean()),
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
-        check_finite(row, k + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(k + 1, row)
-        rows.append({"step": k + 1, **row})
+        record_step(rows, row, k + 1, ranks, out, logger)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
             save_trainer_state(out, k + 1, backend, opt, ranks=ranks)

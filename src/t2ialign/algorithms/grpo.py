@@ -33,9 +33,9 @@ from t2ialign.algorithms.common import (
     RunLogger,
     Trajectory,
     call_reward,
-    check_finite,
     initial_noise,
     load_trainer_state,
+    record_step,
     rollout,
     save_model,
     save_trainer_state,
@@ -342,11 +342,10 @@ def train_group_policy(
     out = Path(out)
     check_prompts(prompts)
     ranks = Ranks(accelerator)
+    ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # before any collective: fail early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fail early on an uneven split
     start, _ = resume(out, backend, opt, method, ranks)
-    ranks.broadcast_params(params)
     own_logger = logger is None
     if ranks.is_main:
         logger = logger or RunLogger(out, {"method": method, **asdict(cfg)})
@@ -405,10 +404,7 @@ def train_group_policy(
         }
         if window is not None:
             row["window_start"] = float(first)
-        check_finite(row, it + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(it + 1, row)
-        rows.append({"step": it + 1, **row})
+        record_step(rows, row, it + 1, ranks, out, logger)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_trainer_state(out, it + 1, backend, opt, extra={"method": method}, ranks=ranks)

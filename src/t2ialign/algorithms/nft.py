@@ -51,9 +51,9 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
-    check_finite,
     check_lr_and_lora,
     load_trainer_state,
+    record_step,
     save_model,
     save_trainer_state,
     seeded,
@@ -257,11 +257,12 @@ def train_nft(
         raise ValueError("weighting='x0_adaptive' is written for flow models (x0_hat - x0 = -s (v_hat - v))")
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     ranks = Ranks(accelerator)
+    mine = ranks.shard(
+        cfg.prompts_per_iter * cfg.group_size
+    )  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    mine = ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # fails early on an uneven split
     start, extra = load_trainer_state(out, backend, opt, ranks)
-    ranks.broadcast_params(params)
     dev = backend.device
     live = backend.state_dict_trainable()
     # the EMA old policy; from a checkpoint full tensors, under FSDP cut into this rank's shards
@@ -373,10 +374,7 @@ def train_nft(
             "ema_decay": eta,
             **ranks.mean_scalars(scalar_info(info)),
         }
-        check_finite(row, it + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(it + 1, row)
-        rows.append({"step": it + 1, **row})
+        record_step(rows, row, it + 1, ranks, out, logger)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema}, ranks=ranks)

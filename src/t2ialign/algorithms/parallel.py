@@ -191,16 +191,15 @@ class Ranks:
         """Under FSDP, shard ``backend.denoiser()`` in place and return its trainable parameters (now
         ``DTensor`` shards, to build the optimiser on); otherwise return ``params`` unchanged.
 
-        Call it after LoRA is injected and the full fine-tuning reference is snapshotted (the
-        reference stays a replicated, frozen copy) and before the optimiser is built. Rank 0's
-        trainable weights are broadcast first, so random LoRA initialisations agree."""
+        Call it after LoRA is injected, the full fine-tuning reference is snapshotted (the reference
+        stays a replicated, frozen copy) and the trainable weights are broadcast (the shards are cut
+        from each rank's own copy), and before the optimiser is built."""
         if self.fsdp is None:
             return params
         if self.sharded:
             raise RuntimeError("the denoiser is already sharded")
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        self.broadcast_params(params)
         net = backend.denoiser()
         prepared = fsdp2_prepare_model(self.acc, net)
         if prepared is not net:  # accelerate shards in place; a new module would not be the backend's

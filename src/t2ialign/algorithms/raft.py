@@ -29,9 +29,9 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
-    check_finite,
     check_lr_and_lora,
     load_trainer_state,
+    record_step,
     save_model,
     save_trainer_state,
     seeded,
@@ -139,11 +139,12 @@ def train_raft(
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     ranks = Ranks(accelerator)
+    mine = ranks.shard(
+        cfg.prompts_per_round * cfg.samples_per_prompt
+    )  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    mine = ranks.shard(cfg.prompts_per_round * cfg.samples_per_prompt)  # fails early on an uneven split
     start, _ = load_trainer_state(out, backend, opt, ranks)
-    ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
         logger = logger or RunLogger(out, asdict(cfg))
@@ -213,10 +214,7 @@ def train_raft(
             "kept": float(len(keep)),
             **ranks.mean_scalars(scalar_info(info)),
         }
-        check_finite(row, rnd + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(rnd + 1, row)
-        rows.append({"step": rnd + 1, **row})
+        record_step(rows, row, rnd + 1, ranks, out, logger)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kept=len(keep))
         if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
             save_trainer_state(out, rnd + 1, backend, opt, ranks=ranks)

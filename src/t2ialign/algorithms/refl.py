@@ -38,9 +38,9 @@ from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
     call_reward,
-    check_finite,
     check_lr_and_lora,
     load_trainer_state,
+    record_step,
     save_model,
     save_trainer_state,
     seeded,
@@ -212,7 +212,6 @@ def _train_reward_gradient(
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, _ = load_trainer_state(out, backend, opt, ranks)
-    ranks.broadcast_params(params)
     if ranks.is_main:
         truncate_log(out, start)
         logger = logger or RunLogger(out, asdict(cfg))
@@ -276,10 +275,7 @@ def _train_reward_gradient(
             **scalar_info(info),
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
-        check_finite(row, it + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(it + 1, row)
-        rows.append({"step": it + 1, **row})
+        record_step(rows, row, it + 1, ranks, out, logger)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_trainer_state(out, it + 1, backend, opt, ranks=ranks)

@@ -21,9 +21,9 @@ import torch
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
-    check_finite,
     check_lr_and_lora,
     load_trainer_state,
+    record_step,
     save_model,
     save_trainer_state,
     seeded,
@@ -166,7 +166,6 @@ def train_rwr(
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, extra = load_trainer_state(out, backend, opt, ranks)
-    ranks.broadcast_params(params)
     if extra.get("ema"):  # full tensors: under FSDP, cut into this rank's shards
         ema = [ranks.local_like(e, p) for e, p in zip(extra["ema"], params, strict=True)]
     else:
@@ -237,10 +236,7 @@ def train_rwr(
         if ranks.active:  # the global batch's values (equal shards: means of the ranks' means)
             wl, ws = ranks.all_sum(torch.stack([(w * ml).sum(), w.sum()])).tolist()
             row = {**ranks.mean_scalars(row), "model_loss": wl / max(ws, 1e-8)}
-        check_finite(row, k + 1, ranks, out)
-        if ranks.is_main:
-            logger.log(k + 1, row)
-        rows.append({"step": k + 1, **row})
+        record_step(rows, row, k + 1, ranks, out, logger)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
             save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema}, ranks=ranks)
