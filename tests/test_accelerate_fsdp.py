@@ -151,29 +151,13 @@ def test_fsdp1_is_refused_and_fsdp2_accepted():
 # ---- diffusers backends (tiny random pipelines, per-block FSDP units) -----------------------------
 
 
-@pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory):
-    from diffusers_helpers import build_pipeline
-
-    root = tmp_path_factory.mktemp("fsdp_pipelines")
-    built = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            build_pipeline(family, root / family)
-            built[family] = str(root / family)
-        return built[family]
-
-    return get
-
-
-def test_sd3_lora_grpo_fsdp_matches_ddp_and_diffusers_loads_it(tmp_path, pipeline_folder):
+def test_sd3_lora_grpo_fsdp_matches_ddp_and_diffusers_loads_it(tmp_path, pipelines):
     """Flow-GRPO with LoRA on a tiny SD3 pipeline, FSDP2 with one unit per ``JointTransformerBlock``
     (TRANSFORMER_BASED_WRAP): the adapters train to the replicated run's weights, and the saved
     ``pytorch_lora_weights.safetensors`` loads into a plain diffusers pipeline and changes it."""
     import diffusers
 
-    folder = pipeline_folder("sd3")
+    folder = pipelines("sd3")
     args = ["--method", "grpo", "--model", folder, "--lora-rank", "4", "--prompts-per-iter", "1"]
     args += ["--group-size", "4", "--minibatch-size", "2", "--iterations", "2", "--train-steps", "2"]
     launch(
@@ -196,12 +180,12 @@ def test_sd3_lora_grpo_fsdp_matches_ddp_and_diffusers_loads_it(tmp_path, pipelin
     assert (after - before).abs().max() > 1e-7
 
 
-def test_sd_full_ddpo_fsdp_saves_the_pipeline_of_the_ddp_run(tmp_path, pipeline_folder):
+def test_sd_full_ddpo_fsdp_saves_the_pipeline_of_the_ddp_run(tmp_path, pipelines):
     """DDPO with full fine-tuning of a tiny SD 1.5 UNet under FSDP2 (units per block): the saved
     pipeline (rebuilt from the gathered full state) holds the replicated run's UNet and loads back."""
     from t2ialign.backends.loader import load_backend
 
-    folder = pipeline_folder("sd")
+    folder = pipelines("sd")
     args = ["--method", "ddpo", "--model", folder, "--lora-rank", "0", "--batch-size", "4"]
     args += ["--iterations", "2", "--train-steps", "2"]
     launch([*args, "--fsdp", "full", "--fsdp-wrap", "transformer", "--out", str(tmp_path / "fsdp")])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_helpers import FAMILIES, brightness_reward, build_pipeline
+from diffusers_helpers import FAMILIES, brightness_reward
 from t2ialign.backends.base import denoising_loss
 from t2ialign.backends.loader import PIPELINE_CLASS, PIPELINES, load_backend
 
@@ -34,21 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def pipelines(tmp_path_factory):
-    """family -> folder of its tiny pipeline, each built once (lazily) per session."""
-    root = tmp_path_factory.mktemp("pipelines")
-    built: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            build_pipeline(family, root / family)
-            built[family] = str(root / family)
-        return built[family]
-
-    return get
 
 
 def _load(pipelines, family, **kw):
