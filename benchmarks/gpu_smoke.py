@@ -6,13 +6,12 @@ pipeline on CUDA. Writes ``$OUT/gpu_check.json`` and prints ALL_OK or SOME_FAILE
 ::
 
     OUT=/tmp python benchmarks/gpu_smoke.py                  # on a machine with CUDA
-    SDPA_MATH=1 OUT=/tmp python benchmarks/gpu_smoke.py      # attention through the math kernel only
+    SDPA=MATH OUT=/tmp python benchmarks/gpu_smoke.py        # attention through these SDPA kernels only
 
-Known (2026-11-26, H100, torch 2.11 + CUDA 13): FLUX in bf16 gives NaN training losses while
-sampling is finite; SD 1.5, SDXL and SD3 pass (the trainers now stop at such a step with a
-``FloatingPointError``). ``SDPA_MATH=1`` tells whether the fused attention kernels are the cause;
-``flux/diagnosis_bf16`` tabulates the loss (and LoRA gradients) with and without autograd, with and
-without LoRA, under each SDPA kernel alone.
+Result (2026-11-26, H100, torch 2.11 + CUDA 13): ALL_OK, every family finite in bf16. FLUX's
+NaN training losses came from cuDNN's attention backward at the tiny models' head dimension (16);
+the flow backend now turns cuDNN attention off below head dimension 64 (docs/RESULTS.md, "FLUX
+bf16 NaN on CUDA"; the kernel-by-kernel check is ``benchmarks/gpu_attention_check.py``).
 """
 
 import json
@@ -31,10 +30,11 @@ from t2ialign.backends.loader import PIPELINE_CLASS, load_backend  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 WORK = tempfile.mkdtemp(prefix="gpu_smoke_")  # fresh pipelines and run folders (no resume)
-if os.environ.get("SDPA_MATH") == "1":
+if os.environ.get("SDPA"):  # e.g. SDPA=MATH or SDPA=FLASH_ATTENTION,EFFICIENT_ATTENTION,MATH
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    sdpa_kernel(SDPBackend.MATH).__enter__()  # for the whole run
+    kernels = [getattr(SDPBackend, k) for k in os.environ["SDPA"].split(",")]
+    sdpa_kernel(kernels).__enter__()  # for the whole run
 DEV = os.environ.get("DEV", "cuda")
 OPTS = {"sd3": {"max_sequence_length": 16}, "flux": {"max_sequence_length": 16, "resolution": 16}}
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
@@ -195,59 +195,5 @@ def nft():
 
 
 run("sd3/nft_bf16", nft)
-
-
-def flux_diagnosis():
-    """Where FLUX's bf16 training NaN comes from: the denoising loss and its LoRA gradients, with
-    and without autograd, with and without LoRA, under each SDPA kernel alone (issue 8)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from t2ialign.backends.base import denoising_loss
-
-    kernels = {
-        "default": None,
-        **{
-            k.name: k
-            for k in (
-                SDPBackend.FLASH_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.CUDNN_ATTENTION,
-                SDPBackend.MATH,
-            )
-        },
-    }
-    table = {}
-    for lora in (False, True):
-        be = load_backend(f"{WORK}/pipes/flux", device=DEV, dtype="bfloat16", **OPTS["flux"])
-        if lora:
-            be.enable_lora(4, 4.0)
-        g = torch.Generator().manual_seed(0)
-        x0 = be.encode_images(torch.rand(2, 3, 16, 16, generator=g).to(DEV))
-        eps = torch.randn(x0.shape, generator=g).to(DEV, x0.dtype)
-        s = torch.rand(2, generator=g).to(DEV)
-        cond = be.encode(PROMPTS[:2])
-        for name, k in kernels.items():
-            for grad in (False, True):
-                key = f"{'lora' if lora else 'base'}/{name}/{'grad' if grad else 'no_grad'}"
-                try:
-                    with (
-                        sdpa_kernel(k) if k is not None else torch.enable_grad(),
-                        torch.set_grad_enabled(grad),
-                    ):
-                        loss = denoising_loss(be, x0, cond, eps, s).mean()
-                        row = {"loss": float(loss)}
-                        if grad and lora:
-                            loss.backward()
-                            gs = [p.grad for p in be.trainable_parameters() if p.grad is not None]
-                            row["grads_finite"] = bool(all(torch.isfinite(x).all() for x in gs))
-                            for p in be.trainable_parameters():
-                                p.grad = None
-                except RuntimeError as e:
-                    row = {"unavailable": str(e)[:120]}
-                table[key] = row
-    return {"table": table}
-
-
-run("flux/diagnosis_bf16", flux_diagnosis)
 json.dump(results, open(os.path.join(OUT, "gpu_check.json"), "w"), indent=1)
 print("ALL_OK" if all(v.get("ok", True) for v in results.values() if isinstance(v, dict)) else "SOME_FAILED")

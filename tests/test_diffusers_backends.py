@@ -162,6 +162,20 @@ def test_mixed_precision_and_checkpointing(pipelines):
     )
 
 
+def test_cudnn_attention_left_out_only_for_small_heads_on_cuda(pipelines):
+    """cuDNN's attention backward gave garbage gradients at head dimension 16 on an H100 (RESULTS,
+    "FLUX bf16 NaN on CUDA"); the rule leaves it out there and nowhere else, and a CPU backend does
+    not touch the process-wide flag."""
+    from t2ialign.backends.diffusers_flow import cudnn_attention_unsafe
+
+    assert cudnn_attention_unsafe("cuda", 16) and cudnn_attention_unsafe("cuda", 8)
+    assert not cudnn_attention_unsafe("cuda", 64) and not cudnn_attention_unsafe("cuda", 128)
+    assert not cudnn_attention_unsafe("cpu", 16)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    _load(pipelines, "flux", dtype="bfloat16")
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 # ---- one iteration of each algorithm, and the saved LoRA in plain diffusers ------------------------
 
 

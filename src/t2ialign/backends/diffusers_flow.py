@@ -13,11 +13,27 @@ final 0. The stochastic step is :func:`t2ialign.sampling.flow.sde_step`.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from t2ialign.backends.diffusers_backend import DiffusersBackend, TextCond
 from t2ialign.sampling import flow
+
+log = logging.getLogger(__name__)
+
+
+def cudnn_attention_unsafe(device_type: str, head_dim: int) -> bool:
+    """Whether cuDNN's attention must be left out for a denoiser with this attention head dimension.
+
+    On CUDA, cuDNN's attention backward returned garbage gradients (about 1e37, or NaN) at head
+    dimension 16 while its forward was right; flash, memory-efficient and math attention were exact,
+    and so was cuDNN at head dimensions 64 and 128 (H100, torch 2.11 + CUDA 13, cuDNN 9.19;
+    docs/RESULTS.md, "FLUX bf16 NaN on CUDA"). The real SD3 and FLUX models (64 and 128) are not
+    affected; tiny test models are.
+    """
+    return device_type == "cuda" and head_dim < 64
 
 
 class FlowBackend(DiffusersBackend):
@@ -65,6 +81,15 @@ class FlowBackend(DiffusersBackend):
         self.embedded_guidance = float(embedded_guidance)
         self.guidance_embeds = family == "flux" and bool(self.net.config.get("guidance_embeds", False))
         self._grids: dict[int, torch.Tensor] = {}
+        head_dim = int(self.net.config.get("attention_head_dim", 64))
+        if cudnn_attention_unsafe(self.device.type, head_dim) and torch.backends.cuda.cudnn_sdp_enabled():
+            # process-wide, so that gradient checkpointing's recomputation picks the same kernel
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            log.warning(
+                "attention head dimension %d < 64 on CUDA: cuDNN attention turned off for this "
+                "process (its backward returns garbage gradients there)",
+                head_dim,
+            )
 
     def default_resolution(self) -> int:
         if self.family == "flux":
