@@ -64,6 +64,25 @@ class CPUFSDPAccelerator:
         return getattr(self._acc, name)
 
 
+class CPUDeepSpeedAccelerator:
+    """An ``Accelerator`` of a CPU (gloo) process group that reports ``DistributedType.DEEPSPEED``
+    with accelerate's ``DeepSpeedPlugin`` (ZeRO ``stage``), so that the trainers hand their optimiser
+    to DeepSpeed's engine exactly as under a DeepSpeed launch on GPUs (accelerate itself starts
+    DeepSpeed on accelerator devices only); every other attribute is the wrapped accelerator's."""
+
+    def __init__(self, accelerator, stage: int = 2):
+        from types import SimpleNamespace
+
+        from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+        self._acc = accelerator
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.state = SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin(zero_stage=stage))
+
+    def __getattr__(self, name):
+        return getattr(self._acc, name)
+
+
 def red_reward(images, prompts, metadata):
     """The mean of the red channel: a cheap reward with a gradient signal on the tiny model."""
     return images[:, 0].mean((1, 2)), {"n": len(prompts)}
@@ -122,6 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
         "sharding); on CPU through CPUFSDPAccelerator, since accelerate routes FSDP to GPUs only",
     )
     ap.add_argument(
+        "--deepspeed",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="DeepSpeed ZeRO stage: the trainers' optimiser goes to DeepSpeed's engine; on CPU through "
+        "CPUDeepSpeedAccelerator, since accelerate starts DeepSpeed on accelerator devices only",
+    )
+    ap.add_argument(
         "--fsdp-wrap",
         choices=["root", "transformer"],
         default="root",
@@ -151,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
                 reshard_after_forward=args.fsdp == "full",
                 transformer_wrap=args.fsdp_wrap == "transformer",
             )
+        if args.deepspeed:
+            accelerator = CPUDeepSpeedAccelerator(accelerator, stage=args.deepspeed)
         rank, world = accelerator.process_index, accelerator.num_processes
     if args.model:
         from t2ialign.backends.loader import load_backend

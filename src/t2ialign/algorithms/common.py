@@ -29,12 +29,14 @@ def save_trainer_state(
 
     With ``ranks`` (:class:`~t2ialign.algorithms.parallel.Ranks`) every process calls it and the main
     process writes; under FSDP the shards (weights, optimiser state, ``DTensor`` values in ``extra``)
-    are gathered into full tensors first, so any number of processes can resume the state."""
+    are gathered into full tensors first, so any number of processes can resume the state. Under
+    DeepSpeed every rank writes its ZeRO optimiser partition beside it (same process count to resume)."""
     ranks = ranks or Ranks(None)
-    if not ranks.sharded and not ranks.is_main:
+    zero = ranks.engine is not None  # DeepSpeed: every rank writes its optimiser partition
+    if not (ranks.sharded or zero) and not ranks.is_main:
         return
     trainable = ranks.full(backend.state_dict_trainable())
-    optim = ranks.optimizer_state(optimizer)
+    optim = ranks.save_zero_partition(out, optimizer, step) if zero else ranks.optimizer_state(optimizer)
     extra = ranks.full(extra or {})
     if not ranks.is_main:
         return
@@ -61,14 +63,22 @@ def load_trainer_state(out: Path, backend, optimizer, ranks=None) -> tuple[int, 
         return 0, {}
     # mmap: the ranks of one machine share the file's pages instead of holding a copy each
     state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
+    zero = "zero_partitions" in state["optimizer"]  # written under DeepSpeed ZeRO
+    if ranks.engine is not None and not zero:
+        raise ValueError(
+            f"{out} was written without DeepSpeed (its optimiser state is whole): resume it with the "
+            "launch that wrote it (any process count, DDP or FSDP), or start a new --out"
+        )
     names = [k for k, p in backend.denoiser().named_parameters() if p.requires_grad]
-    optim = _optimizer_keys(state["optimizer"], names, by_name=ranks.sharded)
     live = backend.state_dict_trainable() if ranks.sharded else {}
     trainable = state["trainable"]
     if ranks.sharded:
         trainable = {k: ranks.local_like(v, live[k]) for k, v in trainable.items()}
     backend.load_state_dict_trainable(trainable)
-    ranks.load_optimizer_state(optimizer, optim)
+    if zero:  # after the weights: ZeRO's float32 master copy is refreshed from them
+        ranks.load_zero_partition(out, optimizer, state["optimizer"], state["step"])
+    else:
+        ranks.load_optimizer_state(optimizer, _optimizer_keys(state["optimizer"], names, ranks.sharded))
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
@@ -194,6 +204,13 @@ def setup_trainable(backend, lora_rank: int, lora_alpha: float, ranks=None) -> l
         return params
     ranks.broadcast_params(params)  # every rank starts from rank 0's weights (random LoRA inits differ)
     return ranks.shard_denoiser(backend, params)
+
+
+def make_optimizer(backend, params, ranks, lr: float, weight_decay: float, grad_clip: float):
+    """The trainers' AdamW on ``params``; under DeepSpeed the ZeRO optimiser around it (see
+    :meth:`~t2ialign.algorithms.parallel.Ranks.prepare_optimizer`), clipping at ``grad_clip``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return ranks.prepare_optimizer(opt, backend.denoiser(), grad_clip)
 
 
 def seeded(seed: int, step: int) -> torch.Generator:

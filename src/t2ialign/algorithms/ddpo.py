@@ -26,6 +26,7 @@ import torch
 from t2ialign.algorithms.common import (
     Ranks,
     RunLogger,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -184,7 +185,7 @@ def train_ddpo(
     ranks = Ranks(accelerator)
     mine = ranks.shard(cfg.batch_size)  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, cfg.weight_decay, cfg.grad_clip)
     start, extra = resume(out, backend, opt, "ddpo", ranks)
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
     tracker.load_state_dict(extra.get("stats", {}))
@@ -242,7 +243,7 @@ def train_ddpo(
             timestep_fraction=cfg.timestep_fraction,
             grad_clip=cfg.grad_clip,
             generator=g,
-            sync_grads=ranks.sync_grads if ranks.active else None,
+            ranks=ranks,
         )
         row = {
             "reward_mean": float(rewards.mean()),

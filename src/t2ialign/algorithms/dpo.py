@@ -36,6 +36,7 @@ from t2ialign.algorithms.common import (
     RunLogger,
     check_lr_and_lora,
     load_trainer_state,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -138,7 +139,7 @@ def train_dpo(
         raise ValueError("no preference pairs to train on")
     ranks = Ranks(accelerator)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, _ = load_trainer_state(out, backend, opt, ranks)
     if ranks.is_main:
         truncate_log(out, start)
@@ -173,10 +174,8 @@ def train_dpo(
         ref_w, ref_l = ref_err.chunk(2)
         loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ranks.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        ranks.backward(loss)
+        ranks.step(opt, params, cfg.grad_clip)
         d = ((err_w - ref_w) - (err_l - ref_l)).detach()
         row = {
             "loss": loss.item(),

@@ -35,6 +35,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     initial_noise,
     load_trainer_state,
+    make_optimizer,
     record_step,
     rollout,
     save_model,
@@ -138,15 +139,16 @@ def optimise_policy(
     timestep_fraction: float = 1.0,
     grad_clip: float = 1.0,
     generator: torch.Generator | None = None,
-    sync_grads: Callable[[list], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
     """Inner epochs over shuffled minibatches of ``batch``; one optimiser step per minibatch, with the
     per-step losses of the trained ``steps`` (a random ``timestep_fraction`` of them per minibatch)
     averaged (``step_reduce='mean'``, Flow-GRPO) or summed (``'sum'``, DDPO). Each step adds
     ``beta * KL`` to the reference model when beta > 0. Returns the diagnostics, each a mean over
     (minibatch, step) pairs (so ``loss`` is per step, also when the optimised sum is over steps).
-    ``sync_grads(params)``, when given, runs between the backward passes and the clip (the gradient
-    average over data-parallel ranks)."""
+    ``ranks`` (:class:`~t2ialign.algorithms.parallel.Ranks`) runs the backward passes and the step
+    (the gradient average over data-parallel ranks, or DeepSpeed's engine)."""
+    ranks = ranks or Ranks(None)
     if step_reduce not in ("mean", "sum"):
         raise ValueError(f"step_reduce must be 'mean' or 'sum', got {step_reduce!r}")
     n = adv.shape[0]
@@ -179,16 +181,13 @@ def optimise_policy(
                     loss = loss + beta * kl
                     row["kl"] = kl.item()
                 if loss.requires_grad:  # a deterministic step (std 0) has a constant log-prob
-                    (loss * scale).backward()
+                    ranks.backward(loss * scale)
                 row["loss"] = loss.item()
                 for key, v in row.items():
                     sums[key] = sums.get(key, 0.0) + v
                 count += 1
-            if sync_grads is not None:
-                sync_grads(params)
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm)
-            opt.step()
+            norm = ranks.step(opt, params, grad_clip)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             updates += 1
     stats = {k: v / count for k, v in sums.items() if k != "grad_norm"}
     stats["grad_norm"] = sums["grad_norm"] / max(updates, 1)
@@ -344,7 +343,7 @@ def train_group_policy(
     ranks = Ranks(accelerator)
     ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # before any collective: fail early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, cfg.weight_decay, cfg.grad_clip)
     start, _ = resume(out, backend, opt, method, ranks)
     own_logger = logger is None
     if ranks.is_main:
@@ -390,7 +389,7 @@ def train_group_policy(
             timestep_fraction=cfg.timestep_fraction,
             grad_clip=cfg.grad_clip,
             generator=g,
-            sync_grads=ranks.sync_grads if ranks.active else None,
+            ranks=ranks,
         )
         groups = rewards.reshape(-1, G)
         row = {

@@ -53,6 +53,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -261,7 +262,7 @@ def train_nft(
         cfg.prompts_per_iter * cfg.group_size
     )  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, extra = load_trainer_state(out, backend, opt, ranks)
     dev = backend.device
     live = backend.state_dict_trainable()
@@ -349,10 +350,8 @@ def train_nft(
                     loss = loss + cfg.pretrain_weight * pre
                     stats["pre_loss"] += pre.item() / steps_per_iter
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                ranks.sync_grads(params)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                ranks.backward(loss)
+                ranks.step(opt, params, cfg.grad_clip)
                 stats["loss"] += loss.item() / steps_per_iter
                 stats["nft_loss"] += per.mean().item() / steps_per_iter
                 stats["old_deviation"] += (v_theta.detach() - v_old[idx_d]).pow(

@@ -16,8 +16,19 @@ Two modes, picked by the accelerator's ``distributed_type``:
   DeepSpeed ZeRO stage 2. Checkpoints and the saved model hold full (unsharded) tensors, so a run
   resumes with another number of processes.
 
-DeepSpeed and Megatron-LM accelerators are refused: their engines own the backward pass and the
-optimiser step, which the trainers drive themselves.
+- ``DEEPSPEED`` with ZeRO stage 1 or 2 (``configs/accelerate/deepspeed_zero2.yaml``):
+  :meth:`Ranks.prepare_optimizer` hands the denoiser and the trainer's AdamW to
+  ``deepspeed.initialize``; the ZeRO optimiser partitions the optimiser state (and, stage 2, the
+  gradients) over ranks. The trainers drive it through :meth:`Ranks.backward` and :meth:`Ranks.step`
+  (``engine.backward`` without its accumulation scaling, then ``engine.step``, which reduces,
+  clips with the trainer's ``grad_clip`` and steps), with DeepSpeed's caller-owned gradient
+  accumulation (``managed_gradient_accumulation: false``): any number of backward passes, then one
+  step, as the online methods need. The weights stay whole on every rank. Checkpoints keep each
+  rank's optimiser partition, so they resume under DeepSpeed with the same number of processes.
+  Stage 3, offload, and DeepSpeed's own fp16/bf16 are refused (the backends run their own autocast
+  with float32 trainable weights).
+
+Megatron-LM accelerators are refused.
 """
 
 from __future__ import annotations
@@ -26,8 +37,10 @@ import torch
 
 from t2ialign.backends.base import resharded
 
-REFUSED = ("DEEPSPEED", "MEGATRON_LM")
-"""Accelerate's distributed types that :class:`Ranks` refuses (their engines own backward and step)."""
+REFUSED = ("MEGATRON_LM",)
+"""Accelerate's distributed types that :class:`Ranks` refuses."""
+ZERO_DIR = "zero_optimizer"
+"""The folder of a checkpoint that holds each DeepSpeed rank's optimiser partition."""
 
 
 def _is_dtensor(t) -> bool:
@@ -59,11 +72,10 @@ class Ranks:
         kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO"))
         if kind in REFUSED:
             raise ValueError(
-                f"this accelerator is set up for {kind}, which the t2ialign trainers do not support: its "
-                "engine owns the backward pass and the optimiser step, which the trainers drive "
-                "themselves. Launch with an FSDP config (configs/accelerate/fsdp.yaml; fsdp_zero2.yaml "
-                "shards gradients and optimiser state as ZeRO-2 does) or a DDP config "
-                "(configs/accelerate/ddp_multi_gpu.yaml, multi_node.yaml) instead."
+                f"this accelerator is set up for {kind}, which the t2ialign trainers do not support. "
+                "Launch with an FSDP config (configs/accelerate/fsdp.yaml), DeepSpeed ZeRO-2 "
+                "(deepspeed_zero2.yaml) or a DDP config (configs/accelerate/ddp_multi_gpu.yaml, "
+                "multi_node.yaml) instead."
             )
         self.fsdp = None  # accelerate's FullyShardedDataParallelPlugin under FSDP
         if kind == "FSDP":
@@ -82,6 +94,9 @@ class Ranks:
                     "gradient_checkpointing=True instead."
                 )
             self.fsdp = plugin
+        # the ZeRO settings under DeepSpeed (checked here, before any collective), and its engine
+        self.zero = _zero_settings(accelerator) if kind == "DEEPSPEED" else None
+        self.engine = None
         self.acc = accelerator
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
         self.world = int(accelerator.num_processes) if accelerator is not None else 1
@@ -148,7 +163,7 @@ class Ranks:
         """Replace every trainable gradient by its mean over ranks. A parameter without a gradient on
         every rank keeps none (as in one process); one with a gradient on some rank counts as zero
         on the others. A no-op under FSDP, whose backward pass already averaged the gradients."""
-        if not self.active or self.sharded:
+        if not self.active or self.sharded or self.engine is not None:
             return
         import torch.distributed as dist
 
@@ -184,6 +199,93 @@ class Ranks:
     def wait(self) -> None:
         if self.acc is not None:
             self.acc.wait_for_everyone()
+
+    # ---- the optimisation step (plain, or DeepSpeed's engine) ------------------------------------
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module, grad_clip: float):
+        """The optimiser to train with: ``optimizer`` itself, or under DeepSpeed the ZeRO optimiser
+        that ``deepspeed.initialize(model=module, optimizer=optimizer)`` wraps it in, clipping
+        gradients at ``grad_clip``. Call it once, after :func:`setup_trainable` and before resuming."""
+        if self.zero is None:
+            return optimizer
+        if self.engine is not None:
+            raise RuntimeError("the optimiser is already prepared")
+        clip = self.zero["gradient_clipping"]
+        if clip is not None and float(clip) != float(grad_clip):
+            raise ValueError(
+                f"the DeepSpeed config clips gradients at {clip}, the trainer at grad_clip={grad_clip}: "
+                "the trainer's value is the one used; remove gradient_clipping from the DeepSpeed config "
+                "or set it to 'auto'"
+            )
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # batches are the trainers' own
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.world,
+            "managed_gradient_accumulation": False,  # any number of backward passes, then step()
+            "gradient_clipping": float(grad_clip),
+            "zero_optimization": self.zero["zero_optimization"],
+            "steps_per_print": 2**31 - 1,
+        }
+        engine, zero_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        self.engine = engine
+        return zero_optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; under DeepSpeed through its engine (no accumulation scaling: the
+        trainers scale their losses themselves)."""
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def step(self, optimizer, params: list[torch.nn.Parameter], grad_clip: float) -> float:
+        """Average the gradients over ranks, clip their global norm at ``grad_clip`` and take the
+        optimiser step; returns the norm before clipping. Under DeepSpeed, ``engine.step()`` does all
+        three (it skips the step when the norm is not finite)."""
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float("nan") if norm is None else float(norm)
+        self.sync_grads(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return float(norm)
+
+    def save_zero_partition(self, out, optimizer, step: int) -> dict:
+        """Write this rank's ZeRO optimiser partition (every rank calls it); returns the marker that
+        the main checkpoint keeps in place of an optimiser state."""
+        from pathlib import Path
+
+        folder = Path(out) / ZERO_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"rank{self.rank}.pt"
+        torch.save({"step": step, "world": self.world, "state": optimizer.state_dict()}, str(path) + ".tmp")
+        Path(str(path) + ".tmp").replace(path)
+        return {"zero_partitions": self.world}
+
+    def load_zero_partition(self, out, optimizer, marker: dict, step: int) -> None:
+        """Load this rank's partition written by :meth:`save_zero_partition` at ``step``; a clear
+        error when the launch differs from the one that wrote it."""
+        from pathlib import Path
+
+        world = int(marker["zero_partitions"])
+        if self.engine is None or world != self.world:
+            raise ValueError(
+                f"{out} was written under DeepSpeed ZeRO with {world} processes, whose optimiser state "
+                "is partitioned over them: resume it with the same DeepSpeed launch "
+                f"({world} processes), or start a new --out"
+            )
+        path = Path(out) / ZERO_DIR / f"rank{self.rank}.pt"
+        if not path.exists():
+            raise ValueError(f"{path} is missing: the DeepSpeed checkpoint in {out} is incomplete")
+        saved = torch.load(path, weights_only=False, map_location="cpu")
+        if saved["step"] != step:
+            raise ValueError(f"{path} is from step {saved['step']}, the checkpoint from step {step}")
+        states = [None] * self.world
+        states[self.rank] = saved["state"]
+        optimizer.load_state_dict(states)  # the float32 master copy is refreshed from the weights
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
 
@@ -293,3 +395,44 @@ class Ranks:
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.module, options=opts)
+
+
+def _zero_settings(accelerator) -> dict:
+    """The ZeRO settings of a DeepSpeed accelerator's config, refusing what the trainers do not
+    support (checked at start, before any collective)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ValueError("a DeepSpeed launch needs the deepspeed package: pip install deepspeed") from e
+    cfg = dict(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = dict(cfg.get("zero_optimization", {}))
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2):
+        raise ValueError(
+            f"DeepSpeed ZeRO stage {stage} is not supported by the t2ialign trainers: use stage 1 or 2 "
+            "(configs/accelerate/deepspeed_zero2.yaml); stage 3 partitions the weights, which the "
+            "backends read and write by name (for that use FSDP2, configs/accelerate/fsdp.yaml)"
+        )
+    for key in ("offload_optimizer", "offload_param"):
+        if str((zero.pop(key, None) or {}).get("device", "none")).lower() not in ("none", "null"):
+            raise ValueError(f"DeepSpeed {key} is not supported by the t2ialign trainers (untested)")
+    zero.pop("stage3_gather_16bit_weights_on_model_save", None)
+    zero = {k: v for k, v in zero.items() if v != "auto"}  # DeepSpeed's own defaults
+    half = [k for k in ("fp16", "bf16") if (cfg.get(k) or {}).get("enabled") in (True, "true")]
+    if half or str(getattr(accelerator, "mixed_precision", "no")) != "no":
+        raise ValueError(
+            "DeepSpeed's mixed precision is not used by the t2ialign trainers (it would cast the "
+            "trainable weights): set mixed_precision: 'no' in the accelerate config and choose the "
+            "backend's dtype (for example bfloat16 frozen weights under autocast) instead"
+        )
+    steps = cfg.get("gradient_accumulation_steps", 1)
+    if steps not in (1, "auto", None):
+        raise ValueError(
+            f"gradient_accumulation_steps={steps} in the DeepSpeed config: the trainers have no "
+            "gradient accumulation; set it to 1"
+        )
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ValueError(f"the DeepSpeed config has a {key!r} section; the trainers build their AdamW")
+    clip = cfg.get("gradient_clipping")
+    return {"zero_optimization": zero, "gradient_clipping": None if clip in (None, "auto") else clip}

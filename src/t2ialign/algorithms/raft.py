@@ -31,6 +31,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -143,7 +144,7 @@ def train_raft(
         cfg.prompts_per_round * cfg.samples_per_prompt
     )  # before any collective: fails early on an uneven split
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, _ = load_trainer_state(out, backend, opt, ranks)
     if ranks.is_main:
         truncate_log(out, start)
@@ -202,10 +203,8 @@ def train_raft(
                     loss = loss + cfg.pretrain_weight * pre
                     pre_sum += pre.item()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                ranks.sync_grads(params)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                ranks.backward(loss)
+                ranks.step(opt, params, cfg.grad_clip)
         n_steps = max(1, len(losses))
         row = {
             **ranks.mean_scalars({"loss": sum(losses) / n_steps, "pre_loss": pre_sum / n_steps}),

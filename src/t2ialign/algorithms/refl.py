@@ -40,6 +40,7 @@ from t2ialign.algorithms.common import (
     call_reward,
     check_lr_and_lora,
     load_trainer_state,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -210,7 +211,7 @@ def _train_reward_gradient(
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     ranks = Ranks(accelerator)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, _ = load_trainer_state(out, backend, opt, ranks)
     if ranks.is_main:
         truncate_log(out, start)
@@ -261,10 +262,8 @@ def _train_reward_gradient(
             loss = loss + cfg.pretrain_weight * pre
             pre_loss = pre.item()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ranks.sync_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        ranks.backward(loss)
+        grad_norm = ranks.step(opt, params, cfg.grad_clip)
         row = {
             "loss": loss.item(),
             "reward_loss": reward_loss.item(),

@@ -23,6 +23,7 @@ from t2ialign.algorithms.common import (
     RunLogger,
     check_lr_and_lora,
     load_trainer_state,
+    make_optimizer,
     record_step,
     save_model,
     save_trainer_state,
@@ -164,7 +165,7 @@ def train_rwr(
         raise ValueError("no model samples to train on")
     ranks = Ranks(accelerator)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, extra = load_trainer_state(out, backend, opt, ranks)
     if extra.get("ema"):  # full tensors: under FSDP, cut into this rank's shards
         ema = [ranks.local_like(e, p) for e, p in zip(extra["ema"], params, strict=True)]
@@ -219,10 +220,8 @@ def train_rwr(
         else:
             loss = rwr_loss(model_losses, w, pre_losses, cfg.beta)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ranks.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        ranks.backward(loss)
+        ranks.step(opt, params, cfg.grad_clip)
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 pe.lerp_(p.detach(), 1.0 - cfg.ema)

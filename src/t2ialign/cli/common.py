@@ -93,7 +93,7 @@ def launch_accelerator(device: str | None):
     accelerator = Accelerator(cpu=cpu)
     from t2ialign.algorithms.common import Ranks
 
-    Ranks(accelerator)  # refuses DeepSpeed / Megatron-LM and FSDP1 configs before any model is loaded
+    Ranks(accelerator)  # refuses unsupported configs (Megatron-LM, FSDP1, ZeRO-3, ...) before any model loads
     return accelerator
 
 
