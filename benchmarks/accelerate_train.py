@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         "the tiny shapes model; GRPO, DDPO, RWR, DPO",
     )
     args = ap.parse_args(argv)
+    if args.fsdp and args.deepspeed:
+        ap.error("--fsdp and --deepspeed are two different engines: choose one")
 
     torch.set_num_threads(1)
     accelerator = None

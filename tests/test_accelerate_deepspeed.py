@@ -55,7 +55,7 @@ def test_grpo_zero2_matches_ddp_and_resumes_under_the_same_launch(tmp_path):
     close(load_file(ds / "model.safetensors"), load_file(ddp / "model.safetensors"), atol=1e-6)
     state = torch.load(ds / "trainer_state.pt", weights_only=False)
     assert state["optimizer"] == {"zero_partitions": 2}
-    parts = [torch.load(ds / "zero_optimizer" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    parts = [torch.load(ds / "zero_optimizer" / "step2" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [p["step"] for p in parts] == [2, 2]
     n = sum(p.numel() for p in before.values())  # each rank holds about half of the Adam state
     assert all(p["state"]["base_optimizer_state"]["state"][0]["exp_avg"].numel() <= n // 2 + 2 for p in parts)
@@ -66,6 +66,7 @@ def test_grpo_zero2_matches_ddp_and_resumes_under_the_same_launch(tmp_path):
     launch([*GRPO, "--iterations", "3", "--out", str(ddp), "--dump", str(tmp_path / "d_ddp3")])
     close(dumps(tmp_path / "d_ds3")[0][0]["params"], dumps(tmp_path / "d_ddp3")[0][0]["params"], atol=1e-5)
     assert [r["step"] for r in read_log(ds)] == [1, 2, 3]
+    assert [p.name for p in (ds / "zero_optimizer").iterdir()] == ["step3"]  # older partitions pruned
     with pytest.raises(ValueError, match="DeepSpeed ZeRO with 2 processes.*same DeepSpeed launch"):
         accelerate_train.main([*GRPO, "--iterations", "4", "--no-accelerator", "--out", str(ds)])
 
@@ -103,7 +104,9 @@ def zero(stage: int = 2, **more) -> dict:
     ("config", "mixed", "message"),
     [
         (zero(3), "no", "stage 3 is not supported.*stage 1 or 2.*FSDP2"),
-        (zero(0), "no", "stage 0 is not supported"),
+        (zero(0), "no", "stage 0 is not supported.*partitions nothing.*DDP config"),
+        ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "no", "elastic_checkpoint"),
+        ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, "no", "stage 1 with overlap_comm"),
         (
             {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
             "no",
@@ -147,3 +150,28 @@ def test_a_whole_optimizer_checkpoint_is_refused_under_deepspeed(tmp_path):
     ranks.engine = object()  # as after prepare_optimizer
     with pytest.raises(ValueError, match="written without DeepSpeed.*launch that wrote it"):
         load_trainer_state(tmp_path, backend, opt, ranks)
+
+
+def test_a_loss_without_gradient_still_takes_a_zero_backward_pass_under_deepspeed():
+    """ZeRO-2 reduces after every backward pass, so under DeepSpeed a constant loss (a deterministic
+    step) still runs one, of zeros, on the trainable parameters; without DeepSpeed it is skipped by
+    the caller and a plain backward is plain."""
+    net = torch.nn.Linear(2, 2)
+    calls = []
+
+    class Engine:
+        module = net
+
+        def backward(self, loss, scale_wrt_gas=True):
+            calls.append(scale_wrt_gas)
+            loss.backward()
+
+    ranks = Ranks(deepspeed_accelerator(zero(2)))
+    ranks.engine = Engine()
+    ranks.backward(torch.tensor(3.0))  # no graph
+    assert calls == [False]
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+    plain = Ranks(None)
+    loss = net(torch.ones(1, 2)).sum()
+    plain.backward(loss)
+    assert net.weight.grad.abs().sum() > 0

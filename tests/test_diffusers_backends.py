@@ -176,6 +176,22 @@ def test_cudnn_attention_left_out_only_for_small_heads_on_cuda(pipelines):
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
+def test_flow_backend_turns_cudnn_attention_off_when_the_rule_says_so(pipelines, monkeypatch, caplog):
+    """The CUDA branch, on CPU: with the rule forced true, loading the backend turns the process-wide
+    cuDNN attention flag off and says so."""
+    import t2ialign.backends.diffusers_flow as flow_mod
+
+    monkeypatch.setattr(flow_mod, "cudnn_attention_unsafe", lambda device_type, head_dim: True)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with caplog.at_level("WARNING", logger="t2ialign.backends.diffusers_flow"):
+            _load(pipelines, "flux")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert "cuDNN attention turned off" in caplog.text
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 # ---- one iteration of each algorithm, and the saved LoRA in plain diffusers ------------------------
 
 

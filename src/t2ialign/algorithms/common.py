@@ -32,11 +32,14 @@ def save_trainer_state(
     are gathered into full tensors first, so any number of processes can resume the state. Under
     DeepSpeed every rank writes its ZeRO optimiser partition beside it (same process count to resume)."""
     ranks = ranks or Ranks(None)
-    zero = ranks.engine is not None  # DeepSpeed: every rank writes its optimiser partition
-    if not (ranks.sharded or zero) and not ranks.is_main:
+    zero = ranks.engine is not None
+    if zero:  # DeepSpeed: every rank writes its optimiser partition, then they wait for each other
+        optim = ranks.save_zero_partition(out, optimizer, step)
+    if not ranks.sharded and not ranks.is_main:
         return
     trainable = ranks.full(backend.state_dict_trainable())
-    optim = ranks.save_zero_partition(out, optimizer, step) if zero else ranks.optimizer_state(optimizer)
+    if not zero:
+        optim = ranks.optimizer_state(optimizer)
     extra = ranks.full(extra or {})
     if not ranks.is_main:
         return
@@ -51,6 +54,8 @@ def save_trainer_state(
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / CHECKPOINT)
+    if zero:
+        ranks.prune_zero_partitions(out, step)
 
 
 def load_trainer_state(out: Path, backend, optimizer, ranks=None) -> tuple[int, dict]:

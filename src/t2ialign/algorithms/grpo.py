@@ -180,7 +180,9 @@ def optimise_policy(
                     kl = kl_penalty(mean, mean_ref, std)
                     loss = loss + beta * kl
                     row["kl"] = kl.item()
-                if loss.requires_grad:  # a deterministic step (std 0) has a constant log-prob
+                # a deterministic step (std 0) has a constant log-prob; under DeepSpeed every rank
+                # still takes the backward pass (of zeros), as ZeRO's collectives need
+                if loss.requires_grad or ranks.engine is not None:
                     ranks.backward(loss * scale)
                 row["loss"] = loss.item()
                 for key, v in row.items():

@@ -97,6 +97,7 @@ class Ranks:
         # the ZeRO settings under DeepSpeed (checked here, before any collective), and its engine
         self.zero = _zero_settings(accelerator) if kind == "DEEPSPEED" else None
         self.engine = None
+        self.grad_clip = None  # under DeepSpeed, the trainer's (set by prepare_optimizer)
         self.acc = accelerator
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
         self.world = int(accelerator.num_processes) if accelerator is not None else 1
@@ -229,21 +230,34 @@ class Ranks:
             "steps_per_print": 2**31 - 1,
         }
         engine, zero_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        if engine.managed_gradient_accumulation():  # an older DeepSpeed ignores the key: wrong gradients
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__} ignores managed_gradient_accumulation=false, which "
+                "the trainers' several backward passes per step need: pip install 'deepspeed>=0.19.5'"
+            )
         self.engine = engine
+        self.grad_clip = float(grad_clip)
         return zero_optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``; under DeepSpeed through its engine (no accumulation scaling: the
-        trainers scale their losses themselves)."""
-        if self.engine is not None:
-            self.engine.backward(loss, scale_wrt_gas=False)
-        else:
+        trainers scale their losses themselves). Under DeepSpeed a loss without a gradient (a
+        deterministic step) still runs a backward pass of zeros: ZeRO-2 reduces after every pass, so
+        every rank must take as many as the others, and a step needs at least one."""
+        if self.engine is None:
             loss.backward()
+            return
+        if not loss.requires_grad:
+            trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
+            loss = loss + 0.0 * sum(p.sum() for p in trainable)
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, optimizer, params: list[torch.nn.Parameter], grad_clip: float) -> float:
         """Average the gradients over ranks, clip their global norm at ``grad_clip`` and take the
         optimiser step; returns the norm before clipping. Under DeepSpeed, ``engine.step()`` does all
-        three (it skips the step when the norm is not finite)."""
+        three; unlike the plain path it skips the step when the norm is not finite (the trainers then
+        stop on the non-finite loss), and a trainable parameter that got no gradient counts as a zero
+        gradient (AdamW's momentum and weight decay still move it; the plain path leaves it)."""
         if self.engine is not None:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
@@ -254,20 +268,34 @@ class Ranks:
         return float(norm)
 
     def save_zero_partition(self, out, optimizer, step: int) -> dict:
-        """Write this rank's ZeRO optimiser partition (every rank calls it); returns the marker that
-        the main checkpoint keeps in place of an optimiser state."""
+        """Write this rank's ZeRO optimiser partition to ``out/zero_optimizer/step{step}/`` and wait
+        for every rank (all call it, before the main process replaces the checkpoint, which then
+        points at a complete set); returns the marker the checkpoint keeps in place of an optimiser
+        state. :meth:`prune_zero_partitions` removes older steps' folders afterwards."""
         from pathlib import Path
 
-        folder = Path(out) / ZERO_DIR
+        folder = Path(out) / ZERO_DIR / f"step{step}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rank{self.rank}.pt"
         torch.save({"step": step, "world": self.world, "state": optimizer.state_dict()}, str(path) + ".tmp")
         Path(str(path) + ".tmp").replace(path)
+        self.wait()
         return {"zero_partitions": self.world}
+
+    def prune_zero_partitions(self, out, step: int) -> None:
+        """Remove the partitions of steps other than ``step`` (main process, after the checkpoint of
+        ``step`` is written)."""
+        import shutil
+        from pathlib import Path
+
+        for old in (Path(out) / ZERO_DIR).glob("step*"):
+            if old.name != f"step{step}":
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_zero_partition(self, out, optimizer, marker: dict, step: int) -> None:
         """Load this rank's partition written by :meth:`save_zero_partition` at ``step``; a clear
-        error when the launch differs from the one that wrote it."""
+        error when the launch differs from the one that wrote it. Gradients are clipped at this run's
+        ``grad_clip`` (DeepSpeed would restore the saved one)."""
         from pathlib import Path
 
         world = int(marker["zero_partitions"])
@@ -277,15 +305,14 @@ class Ranks:
                 "is partitioned over them: resume it with the same DeepSpeed launch "
                 f"({world} processes), or start a new --out"
             )
-        path = Path(out) / ZERO_DIR / f"rank{self.rank}.pt"
+        path = Path(out) / ZERO_DIR / f"step{step}" / f"rank{self.rank}.pt"
         if not path.exists():
             raise ValueError(f"{path} is missing: the DeepSpeed checkpoint in {out} is incomplete")
         saved = torch.load(path, weights_only=False, map_location="cpu")
-        if saved["step"] != step:
-            raise ValueError(f"{path} is from step {saved['step']}, the checkpoint from step {step}")
         states = [None] * self.world
         states[self.rank] = saved["state"]
         optimizer.load_state_dict(states)  # the float32 master copy is refreshed from the weights
+        optimizer.clip_grad = self.grad_clip
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
 
@@ -407,6 +434,11 @@ def _zero_settings(accelerator) -> dict:
     cfg = dict(accelerator.state.deepspeed_plugin.deepspeed_config)
     zero = dict(cfg.get("zero_optimization", {}))
     stage = int(zero.get("stage", 0))
+    if stage == 0:
+        raise ValueError(
+            "DeepSpeed ZeRO stage 0 is not supported by the t2ialign trainers: it partitions nothing; "
+            "use a DDP config (configs/accelerate/ddp_multi_gpu.yaml), or ZeRO stage 1 or 2"
+        )
     if stage not in (1, 2):
         raise ValueError(
             f"DeepSpeed ZeRO stage {stage} is not supported by the t2ialign trainers: use stage 1 or 2 "
@@ -416,6 +448,10 @@ def _zero_settings(accelerator) -> dict:
     for key in ("offload_optimizer", "offload_param"):
         if str((zero.pop(key, None) or {}).get("device", "none")).lower() not in ("none", "null"):
             raise ValueError(f"DeepSpeed {key} is not supported by the t2ialign trainers (untested)")
+    if zero.get("elastic_checkpoint"):
+        raise ValueError("DeepSpeed elastic_checkpoint is not supported (each rank keeps its partition)")
+    if stage == 1 and zero.get("overlap_comm"):
+        raise ValueError("DeepSpeed ZeRO stage 1 with overlap_comm is not supported (DeepSpeed refuses it)")
     zero.pop("stage3_gather_16bit_weights_on_model_save", None)
     zero = {k: v for k, v in zero.items() if v != "auto"}  # DeepSpeed's own defaults
     half = [k for k in ("fp16", "bf16") if (cfg.get(k) or {}).get("enabled") in (True, "true")]
