@@ -392,3 +392,24 @@ def test_cli_bad_device_is_a_user_error(tmp_path, capsys, device, words):
     _user_error(rc, capsys.readouterr().err, words)
     rc = main(["finetune", "grpo", "--reward", "checker", "--device", device, "--out", str(tmp_path / "f")])
     _user_error(rc, capsys.readouterr().err, words)
+
+
+def test_degrade_warps_blurs_and_noises_a_fraction_of_the_renders():
+    """The encoder's optional training degradation: only the picked images change, they stay in
+    [0, 1] with their mean colour nearly kept (a warp and a blur move pixels, they do not recolour),
+    the same generator state gives the same result, and fraction 0 is the identity."""
+    from t2ialign.models.encoder import degrade
+
+    x = torch.zeros(6, 3, 32, 32)
+    x[:, 0, 8:24, 8:24] = 1.0  # a red square on black
+    assert degrade(x, np.random.default_rng(0), 0.0) is x
+    y = degrade(x, np.random.default_rng(0), 1.0)
+    assert torch.equal(y, degrade(x, np.random.default_rng(0), 1.0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert all(not torch.equal(x[i], y[i]) for i in range(6))
+    assert torch.allclose(y.mean((2, 3)), x.mean((2, 3)), atol=0.03)
+    half = degrade(x, np.random.default_rng(1), 0.5)
+    changed = [not torch.equal(x[i], half[i]) for i in range(6)]
+    assert any(changed) and not all(changed)
+    with pytest.raises(ValueError, match="degrade must be in"):
+        EncoderTrainConfig(degrade=1.5)

@@ -45,6 +45,12 @@ def add_parsers(sub) -> None:
         help="held-out renders for the zero-shot retrieval report (0: skip)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--degrade",
+        type=float,
+        default=0.0,
+        help="fraction of each batch's renders blurred and noised (0: clean renders only)",
+    )
 
     p = add_command(
         sub,
@@ -100,6 +106,7 @@ def cmd_pretrain_encoder(args) -> int:
         data_seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        degrade=args.degrade,
     )
     model = pretrain_encoder(cfg, args.out)
     if args.eval_images > 0:

@@ -128,10 +128,49 @@ class EncoderTrainConfig:
     init_seed: int = 0
     checkpoint_every: int = 250
     device: str = "cpu"
+    degrade: float = 0.0
+    """Fraction of each batch's renders that :func:`degrade` blurs and adds noise to (0: clean renders
+    only, as the shipped encoder was trained), so that the encoder also reads images that look like a
+    small generator's."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be positive and batch_size at least 2")
+        if not 0.0 <= self.degrade <= 1.0:
+            raise ValueError(f"degrade must be in [0, 1], got {self.degrade}")
+
+
+def degrade(x: torch.Tensor, rng: np.random.Generator, fraction: float) -> torch.Tensor:
+    """Renders ``x`` (B, 3, H, W) in [0, 1] with a random ``fraction`` of them made to look more like
+    a small generator's samples: a smooth random warp (a 6 x 6 field of displacements of std
+    U(0.5, 1.5) pixels, upsampled bilinearly; edges wobble and shapes lose their straight lines), a
+    slight Gaussian blur (sigma ~ U(0.3, 0.7) px) and Gaussian noise (std ~ U(0, 0.03)), clamped to
+    [0, 1]. The others are returned unchanged."""
+    b, _, h, w = x.shape
+    pick = np.flatnonzero(rng.random(b) < fraction)
+    if len(pick) == 0:
+        return x
+    out = x.clone()
+    t = torch.arange(-2, 3, dtype=x.dtype, device=x.device)  # (5,)
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij"
+    )
+    base = torch.stack([xs, ys], dim=-1)  # (H, W, 2), grid_sample's (x, y) order
+    for i in pick.tolist():
+        field = torch.from_numpy(rng.standard_normal((1, 2, 6, 6)).astype(np.float32)).to(x)
+        field = field * float(rng.uniform(0.5, 1.5))  # pixels
+        field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=True)[0]  # (2, H, W)
+        grid = base + field.permute(1, 2, 0) * torch.tensor([2 / (w - 1), 2 / (h - 1)], device=x.device)
+        img = F.grid_sample(x[i : i + 1], grid[None], padding_mode="border", align_corners=True)
+        sigma = float(rng.uniform(0.3, 0.7))
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        img = F.pad(img, (2, 2, 2, 2), mode="reflect")  # (1, 3, H + 4, W + 4)
+        img = F.conv2d(img, k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+        img = F.conv2d(img, k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)  # (1, 3, H, W)
+        noise = torch.from_numpy(rng.standard_normal(img.shape).astype(np.float32)).to(x)
+        out[i] = (img[0] + float(rng.uniform(0.0, 0.03)) * noise[0]).clamp(0, 1)
+    return out
 
 
 def contrastive_loss(
@@ -171,7 +210,8 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         if "config" in ck and ck["config"] != asdict(cfg):
-            diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
+            saved = {"degrade": 0.0, **ck["config"]}  # checkpoints from before the option
+            diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
             if set(diff) - {"steps", "checkpoint_every", "device"}:
                 raise ValueError(f"{ckpt_path} was made with other settings {diff}; use another --out")
         model.load_state_dict(ck["model"])
@@ -188,6 +228,8 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     for k in range(start, cfg.steps):
         x, prompts, specs = world_batch(cfg.data_seed, k, cfg.batch_size, model.config.image_size)
         rng = np.random.default_rng([cfg.data_seed, k, 7])
+        if cfg.degrade > 0:
+            x = degrade(x, np.random.default_rng([cfg.data_seed, k, 11]), cfg.degrade)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * min(1.0, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
         img = model.encode_image(x.to(cfg.device))
