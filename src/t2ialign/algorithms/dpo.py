@@ -173,9 +173,7 @@ def train_dpo(
         err_w, err_l = err.chunk(2)
         ref_w, ref_l = ref_err.chunk(2)
         loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean()
-        opt.zero_grad(set_to_none=True)
-        ranks.backward(loss)
-        ranks.step(opt, params, cfg.grad_clip)
+        ranks.update(opt, params, loss, cfg.grad_clip)
         d = ((err_w - ref_w) - (err_l - ref_l)).detach()
         row = {
             "loss": loss.item(),

@@ -349,9 +349,7 @@ def train_nft(
                     ).mean()
                     loss = loss + cfg.pretrain_weight * pre
                     stats["pre_loss"] += pre.item() / steps_per_iter
-                opt.zero_grad(set_to_none=True)
-                ranks.backward(loss)
-                ranks.step(opt, params, cfg.grad_clip)
+                ranks.update(opt, params, loss, cfg.grad_clip)
                 stats["loss"] += loss.item() / steps_per_iter
                 stats["nft_loss"] += per.mean().item() / steps_per_iter
                 stats["old_deviation"] += (v_theta.detach() - v_old[idx_d]).pow(

@@ -202,9 +202,7 @@ def train_raft(
                     ).mean()
                     loss = loss + cfg.pretrain_weight * pre
                     pre_sum += pre.item()
-                opt.zero_grad(set_to_none=True)
-                ranks.backward(loss)
-                ranks.step(opt, params, cfg.grad_clip)
+                ranks.update(opt, params, loss, cfg.grad_clip)
         n_steps = max(1, len(losses))
         row = {
             **ranks.mean_scalars({"loss": sum(losses) / n_steps, "pre_loss": pre_sum / n_steps}),

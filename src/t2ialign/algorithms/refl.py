@@ -261,9 +261,7 @@ def _train_reward_gradient(
             pre = pretrain_losses(backend, pretrain_source, it, cfg.pretrain_batch_size, g, ranks).mean()
             loss = loss + cfg.pretrain_weight * pre
             pre_loss = pre.item()
-        opt.zero_grad(set_to_none=True)
-        ranks.backward(loss)
-        grad_norm = ranks.step(opt, params, cfg.grad_clip)
+        grad_norm = ranks.update(opt, params, loss, cfg.grad_clip)
         row = {
             "loss": loss.item(),
             "reward_loss": reward_loss.item(),

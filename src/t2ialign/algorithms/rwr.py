@@ -219,9 +219,7 @@ def train_rwr(
             loss = rwr_loss_shard(model_losses, w, pre_losses, cfg.beta, ranks.all_sum(w.sum()), ranks.world)
         else:
             loss = rwr_loss(model_losses, w, pre_losses, cfg.beta)
-        opt.zero_grad(set_to_none=True)
-        ranks.backward(loss)
-        ranks.step(opt, params, cfg.grad_clip)
+        ranks.update(opt, params, loss, cfg.grad_clip)
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 pe.lerp_(p.detach(), 1.0 - cfg.ema)
