@@ -69,6 +69,29 @@ def launch(args: list[str], n: int = 2, timeout: int = 240) -> str:
     return res.stdout
 
 
+def fake_accelerator(
+    kind: str, fsdp_plugin: dict | None = None, deepspeed_config: dict | None = None, mixed_precision="no"
+):
+    """An accelerator of rank 0 of 2 on CPU that reports ``DistributedType[kind]``, with an FSDP
+    plugin of ``fsdp_plugin``'s attributes or a DeepSpeed plugin of ``deepspeed_config`` (for the
+    checks ``Ranks`` makes at start, before any collective)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    class Fake:
+        distributed_type = DistributedType[kind]
+        process_index, num_processes, is_main_process = 0, 2, True
+        device = torch.device("cpu")
+        state = SimpleNamespace(
+            fsdp_plugin=SimpleNamespace(**(fsdp_plugin or {})),
+            deepspeed_plugin=SimpleNamespace(deepspeed_config=deepspeed_config),
+        )
+
+    Fake.mixed_precision = mixed_precision
+    return Fake()
+
+
 def dumps(folder: Path, n: int = 2):
     """Each rank's dumped weights and gradients, and its log rows."""
     states = [torch.load(folder / f"rank{r}.pt") for r in range(n)]

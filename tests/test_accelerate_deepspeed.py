@@ -12,7 +12,6 @@ optimiser, its collectives) is the real path.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from t2ialign.algorithms.common import Ranks, load_trainer_state, read_log, save
 pytest.importorskip("accelerate")
 pytest.importorskip("deepspeed")
 
-from accelerate_helpers import accelerate_train, dumps, initial_params, launch  # noqa: E402
+from accelerate_helpers import accelerate_train, dumps, fake_accelerator, initial_params, launch  # noqa: E402
 
 GRPO = ["--method", "grpo", "--prompts-per-iter", "1", "--group-size", "8", "--minibatch-size", "4"]
 
@@ -84,16 +83,7 @@ def test_rwr_lora_ema_zero1_matches_ddp(tmp_path):
 
 
 def deepspeed_accelerator(config: dict, mixed_precision: str = "no"):
-    from accelerate.utils import DistributedType
-
-    class Fake:
-        distributed_type = DistributedType.DEEPSPEED
-        process_index, num_processes, is_main_process = 0, 2, True
-        device = torch.device("cpu")
-        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
-
-    Fake.mixed_precision = mixed_precision
-    return Fake()
+    return fake_accelerator("DEEPSPEED", deepspeed_config=config, mixed_precision=mixed_precision)
 
 
 def zero(stage: int = 2, **more) -> dict:

@@ -21,7 +21,7 @@ from t2ialign.algorithms.common import Ranks, _optimizer_keys, read_log
 
 pytest.importorskip("accelerate")
 
-from accelerate_helpers import accelerate_train, dumps, initial_params, launch  # noqa: E402
+from accelerate_helpers import accelerate_train, dumps, fake_accelerator, initial_params, launch  # noqa: E402
 
 
 def close(a: dict, b: dict, atol: float = 1e-6) -> None:
@@ -118,20 +118,6 @@ def test_optimizer_state_keys_convert_both_ways():
         )
 
 
-def fake_accelerator(kind: str, **plugin):
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    class Fake:
-        distributed_type = DistributedType[kind]
-        process_index, num_processes, is_main_process = 0, 2, True
-        device = torch.device("cpu")
-        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(**plugin))
-
-    return Fake()
-
-
 def test_megatron_is_refused_with_a_clear_error():
     """Megatron-LM's engine is not supported; the error says what to use instead (DeepSpeed ZeRO
     is tested in test_accelerate_deepspeed.py)."""
@@ -141,8 +127,8 @@ def test_megatron_is_refused_with_a_clear_error():
 
 def test_fsdp1_is_refused_and_fsdp2_accepted():
     with pytest.raises(ValueError, match="FSDP version 1.*fsdp_version: 2"):
-        Ranks(fake_accelerator("FSDP", fsdp_version=1))
-    ranks = Ranks(fake_accelerator("FSDP", fsdp_version=2))
+        Ranks(fake_accelerator("FSDP", fsdp_plugin={"fsdp_version": 1}))
+    ranks = Ranks(fake_accelerator("FSDP", fsdp_plugin={"fsdp_version": 2}))
     assert ranks.fsdp is not None and not ranks.sharded
     assert json.dumps(ranks.full({"x": [1.0]})) == '{"x": [1.0]}'  # plain values pass through
 
