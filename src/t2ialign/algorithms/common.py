@@ -10,7 +10,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +109,13 @@ def _optimizer_keys(optim: dict, names: list[str], by_name: bool) -> dict:
     }
 
 
-def save_model(backend, ranks, out: Path, card: dict) -> None:
-    """Save the fine-tuned model (``backend.save``) from the main process; every process calls it.
-    Under FSDP the denoiser's full weights are gathered first (only the adapters with LoRA, unless the
-    backend ``merges_lora_on_save``) and handed to ``backend.save(..., denoiser_state=...)``."""
+def save_model(backend, ranks, out: Path, method: str, cfg) -> None:
+    """Save the fine-tuned model (``backend.save``) from the main process, with the card every
+    trainer writes (``method``, its config dataclass ``cfg`` as ``{method}_config``, the base
+    model); every process calls it. Under FSDP the denoiser's full weights are gathered first (only
+    the adapters with LoRA, unless the backend ``merges_lora_on_save``) and handed to
+    ``backend.save(..., denoiser_state=...)``."""
+    card = {"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id}
     if ranks.sharded:
         adapters_only = backend.lora_enabled and not getattr(backend, "merges_lora_on_save", False)
         state = ranks.denoiser_state(trainable_only=adapters_only)

@@ -261,7 +261,5 @@ def train_ddpo(
             ranks.wait()
     if ranks.is_main and own_logger:
         logger.close()
-    save_model(
-        backend, ranks, out, {"method": "ddpo", "ddpo_config": asdict(cfg), "base_model": backend.model_id}
-    )
+    save_model(backend, ranks, out, "ddpo", cfg)
     return rows

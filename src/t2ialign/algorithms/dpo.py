@@ -190,7 +190,5 @@ def train_dpo(
             ranks.wait()
     if ranks.is_main:
         logger.close()
-    save_model(
-        backend, ranks, out, {"method": "dpo", "dpo_config": asdict(cfg), "base_model": backend.model_id}
-    )
+    save_model(backend, ranks, out, "dpo", cfg)
     return rows

@@ -412,12 +412,7 @@ def train_group_policy(
             ranks.wait()
     if ranks.is_main and own_logger:
         logger.close()
-    save_model(
-        backend,
-        ranks,
-        out,
-        {"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id},
-    )
+    save_model(backend, ranks, out, method, cfg)
     return rows
 
 

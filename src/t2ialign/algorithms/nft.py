@@ -378,7 +378,5 @@ def train_nft(
             ranks.wait()
     if ranks.is_main:
         logger.close()
-    save_model(
-        backend, ranks, out, {"method": "nft", "nft_config": asdict(cfg), "base_model": backend.model_id}
-    )
+    save_model(backend, ranks, out, "nft", cfg)
     return rows

@@ -218,7 +218,5 @@ def train_raft(
             ranks.wait()
     if ranks.is_main:
         logger.close()
-    save_model(
-        backend, ranks, out, {"method": "raft", "raft_config": asdict(cfg), "base_model": backend.model_id}
-    )
+    save_model(backend, ranks, out, "raft", cfg)
     return rows

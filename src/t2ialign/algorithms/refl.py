@@ -279,12 +279,7 @@ def _train_reward_gradient(
             ranks.wait()
     if ranks.is_main:
         logger.close()
-    save_model(
-        backend,
-        ranks,
-        out,
-        {"method": method, f"{method}_config": asdict(cfg), "base_model": backend.model_id},
-    )
+    save_model(backend, ranks, out, method, cfg)
     return rows
 
 

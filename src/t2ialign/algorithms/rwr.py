@@ -244,7 +244,5 @@ def train_rwr(
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 p.copy_(pe)
-    save_model(
-        backend, ranks, out, {"method": "rwr", "rwr_config": asdict(cfg), "base_model": backend.model_id}
-    )
+    save_model(backend, ranks, out, "rwr", cfg)
     return rows
