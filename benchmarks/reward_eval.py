@@ -21,6 +21,8 @@ The seed paper's setting in the shapes world:
      similarity (``cosine_skip``: starts as the least-squares fit of the labels on the similarity);
    - ``similarity``: the frozen encoder's zero-shot cosine similarity (the baseline; threshold and a
      Platt calibration fitted on the same validation labels);
+   - ``similarity-all-labels``: the same scores, threshold and calibration fitted on all the
+     training project's labels (it trains nothing, so it needs no validation split);
    - ``checker``: the checker itself against the labels, the ceiling that label noise allows.
 5. metrics per split (``t2ialign.reward.eval``): accuracy, ROC AUC and calibration error (ECE),
    against the labels and against the checker, on ``val`` (validation prompts of the training
@@ -53,7 +55,7 @@ import torch
 from t2ialign.feedback import FeedbackStore
 from t2ialign.feedback.simulate import SimulatedRater, simulate
 from t2ialign.models import load_generator
-from t2ialign.reward.eval import evaluate_scores, score_project
+from t2ialign.reward.eval import choose_threshold, evaluate_scores, fit_platt, score_project
 from t2ialign.reward.model import EncoderBackbone
 from t2ialign.reward.rewards import ModelReward, SimilarityReward, checker_reward
 from t2ialign.reward.train import RewardTrainConfig, split_prompts, train_reward_model
@@ -98,10 +100,12 @@ def build_projects(
     device: str = "cpu",
     extra: int = 0,
     extra_per_prompt: int = 3,
+    test_per_prompt: int | None = None,
 ) -> tuple[FeedbackStore, FeedbackStore]:
     """The training project (seen-suite training prompts, plus ``extra`` more seen-split prompts
     with ``extra_per_prompt`` images each) and the test project (held-out seen prompts and the
-    unseen suite), generated and labelled (cached)."""
+    unseen suite, ``test_per_prompt`` images each, default ``per_prompt``), generated and labelled
+    (cached)."""
     seen = suite("seen")
     train_p, held_p = split_prompts([r["prompt"] for r in seen], HELDOUT_FRACTION, seed=2023)
     train_set = set(train_p)
@@ -109,7 +113,8 @@ def build_projects(
         "train": [r for r in seen if r["prompt"] in train_set],
         "test": [r for r in seen if r["prompt"] not in train_set] + suite("unseen"),
     }
-    n_images = {r["prompt"]: per_prompt for rs in rows.values() for r in rs}
+    n_images = {r["prompt"]: per_prompt for r in rows["train"]}
+    n_images.update({r["prompt"]: test_per_prompt or per_prompt for r in rows["test"]})
     if extra:
         more = extra_prompts(extra)
         rows["train"] = rows["train"] + more
@@ -183,6 +188,16 @@ def oracle_accuracy(parts, split_lists) -> dict:
     return out
 
 
+def training_labels(ps, split_lists) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels of every labelled image of the training project's training and validation
+    prompts."""
+    from t2ialign.reward.eval import split_names
+
+    names = np.array(split_names(ps, *split_lists))[ps.label_index]
+    keep = np.isin(names, ["train", "val"])
+    return ps.scores[ps.label_index][keep], ps.label_values[keep]
+
+
 def per_task(parts, split_lists, threshold, stores) -> dict:
     """Accuracy against the checker per task, on the unseen and held-out splits."""
     from t2ialign.reward.eval import split_names
@@ -227,6 +242,12 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64, help="generation batch size")
     ap.add_argument("--gen-device", default="cpu", help="device of the generator (cpu or cuda)")
+    ap.add_argument(
+        "--test-per-prompt",
+        type=int,
+        default=None,
+        help="generated images per prompt of the test project (default: --per-prompt)",
+    )
     ap.add_argument("--extra-prompts", type=int, default=0, help="more seen-split training prompts")
     ap.add_argument("--extra-per-prompt", type=int, default=3, help="images per extra training prompt")
     ap.add_argument("--variants", default=None, help="comma-separated reward variants (default: all)")
@@ -252,6 +273,7 @@ def main() -> int:
         args.gen_device,
         extra=args.extra_prompts,
         extra_per_prompt=args.extra_per_prompt,
+        test_per_prompt=args.test_per_prompt,
     )
     t_data = time.time() - t_start
     if args.only_data:
@@ -318,6 +340,18 @@ def main() -> int:
     results["per_task"]["similarity"] = per_task(
         parts, split_lists, res["threshold"], [train_store, test_store]
     )
+    # the similarity trains nothing on the labels, so its threshold and calibration may use all of
+    # the training project's labels (training and validation prompts), not only the validation ones
+    scores, labels = training_labels(parts[0], split_lists)
+    res = evaluate_scores(
+        parts,
+        *split_lists,
+        threshold=choose_threshold(scores, labels),
+        calibration="platt",
+        platt=fit_platt(scores, labels),
+    )
+    results["runs"]["similarity-all-labels"] = [res]
+    results["summary"]["similarity-all-labels"] = summarise([res])
     parts = [score_project(s, checker_reward, checker_cache=verdicts) for s in (train_store, test_store)]
     res = evaluate_scores(parts, *split_lists, threshold=0.5)
     results["runs"]["checker"] = [res]
@@ -332,7 +366,7 @@ def main() -> int:
         ("heldout", "checker"),
         ("unseen", "checker"),
     ]
-    head = "reward".ljust(20) + "  ".join(f"{s[:7]}/{a[:5]}".ljust(16) for s, a in cols)
+    head = "reward".ljust(22) + "  ".join(f"{s[:7]}/{a[:5]}".ljust(16) for s, a in cols)
     for metric in ("accuracy", "auc", "ece"):
         print(f"{metric}:")
         print(head)
@@ -341,7 +375,7 @@ def main() -> int:
             for s, a in cols:
                 m = summ.get(s, {}).get(a, {}).get(metric)
                 cells.append("-".ljust(16) if m is None else f"{m['mean']:.3f} +- {m['std']:.3f}".ljust(16))
-            print(f"{name:<20}" + "  ".join(cells))
+            print(f"{name:<22}" + "  ".join(cells))
         print()
     first = next(iter(variants))
     n = {s: results["summary"][first][s]["checker"]["n"] for s in ("val", "heldout", "unseen")}

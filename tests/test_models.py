@@ -103,6 +103,58 @@ def test_tiny_encoder_trains(tmp_path):
         pretrain_encoder(EncoderTrainConfig(preset="small", steps=4, batch_size=4), tmp_path, progress=False)
 
 
+def test_contrastive_loss_with_negative_images_matches_the_closed_form():
+    """Symmetric InfoNCE by hand: two images, two prompts, one extra negative prompt (seen by the
+    image-to-text direction only) and one extra negative image (seen by text-to-image only)."""
+    from t2ialign.models.encoder import contrastive_loss
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])  # two positives, one extra negative
+    neg = torch.tensor([[0.8, -0.6]])
+    s = 2.0
+    scale = torch.tensor(math.log(s))
+
+    def ce(logits, i):  # -log softmax(logits)[i]
+        return -logits[i] + math.log(sum(math.exp(v) for v in logits))
+
+    # image-to-text: image 0 against txt (1, 0.6, 0.8); image 1 against (0, 0.8, 0.6)
+    i2t = (ce([s * 1.0, s * 0.6, s * 0.8], 0) + ce([0.0, s * 0.8, s * 0.6], 1)) / 2
+    # text-to-image: prompt 0 against images (1, 0, 0.8); prompt 1 against (0.6, 0.8, 0.0)
+    t2i = (ce([s * 1.0, 0.0, s * 0.8], 0) + ce([s * 0.6, s * 0.8, 0.0], 1)) / 2
+    got = contrastive_loss(img, txt, scale, 2, neg)
+    assert got.item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+    t2i_plain = (ce([s * 1.0, 0.0], 0) + ce([s * 0.6, s * 0.8], 1)) / 2
+    assert contrastive_loss(img, txt, scale, 2).item() == pytest.approx(0.5 * (i2t + t2i_plain), rel=1e-6)
+
+
+def test_near_miss_renders_and_training_with_them(tmp_path):
+    """Near-miss renders come only for prompts with two objects of one colour, with probability p;
+    a tiny encoder trains with them (finite loss) and the option is validated."""
+    from t2ialign.models.encoder import near_miss_renders
+    from t2ialign.world import parse
+
+    specs = [parse("two red squares"), parse("a red circle"), parse("a red circle and a blue square")]
+    x = near_miss_renders(specs, np.random.default_rng(0), 1.0, 32)
+    assert x.shape == (1, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert near_miss_renders(specs, np.random.default_rng(0), 0.0, 32) is None
+    cfg = EncoderTrainConfig(preset="tiny", steps=2, batch_size=16, checkpoint_every=2, near_miss=1.0)
+    pretrain_encoder(cfg, tmp_path, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and all(math.isfinite(v) for v in ck["losses"])
+    with pytest.raises(ValueError, match="near_miss must be in"):
+        EncoderTrainConfig(near_miss=-0.1)
+
+
+def test_hard_negatives_with_colour_swaps():
+    from t2ialign.models.encoder import _hard_negatives
+    from t2ialign.world import parse
+
+    specs = [parse("a red circle and a blue square"), parse("two circles")]
+    plain = _hard_negatives(specs, np.random.default_rng(0))
+    both = _hard_negatives(specs, np.random.default_rng(0), swaps=True)
+    assert len(plain) == 2 and both == plain + ["a blue circle and a red square"]
+
+
 def test_tokenizer_names_unknown_words():
     tok = Tokenizer()
     ids, mask = tok(["two red circles", ""])

@@ -24,3 +24,23 @@ def test_extra_prompts_are_new_seen_split_prompts():
     counts = [[r["task"] for r in extra].count(t) for t in {r["task"] for r in extra}]
     assert max(counts) - min(counts) <= 1  # round robin over the tasks with prompts left
     assert reward_eval.extra_prompts(60) == extra  # a fixed order
+
+
+def test_training_labels_are_those_of_the_training_and_validation_prompts():
+    """``similarity-all-labels`` fits its threshold on every label of the training project's
+    training and validation prompts, and on nothing else (held-out and unseen labels stay out)."""
+    import numpy as np
+
+    from t2ialign.reward.eval import ProjectScores
+
+    ps = ProjectScores(
+        gids=[1, 2, 3, 4],
+        prompts=["a", "b", "c", "d"],
+        world_split=["seen", "seen", "seen", "unseen"],
+        scores=np.array([0.1, 0.2, 0.3, 0.4]),
+        checker=[True, False, True, False],
+        label_index=np.array([0, 0, 1, 2, 3]),  # image 0 labelled twice
+        label_values=np.array([1, 0, 0, 1, 1]),
+    )
+    scores, labels = reward_eval.training_labels(ps, (["a"], ["b"]))
+    assert scores.tolist() == [0.1, 0.1, 0.2] and labels.tolist() == [1, 0, 0]

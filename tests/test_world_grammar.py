@@ -284,3 +284,27 @@ def test_perturbations_cover_what_a_spec_names():
     assert attrs == {"color", "shape", "background", "position"}  # no count: relations need singles
     attrs = {a for a, _ in perturbations(parse("two circles"))}
     assert attrs == {"count", "shape"}  # no colour or background named
+
+
+def test_colour_swap_exchanges_the_two_colours_and_never_means_the_same():
+    from t2ialign.world.suites import colour_swap
+
+    def swapped(prompt):
+        s = colour_swap(parse(prompt))
+        return None if s is None else to_prompt(s)
+
+    assert swapped("an orange circle and a purple square") == "a purple circle and an orange square"
+    assert swapped("a red circle left of a blue circle") == "a blue circle left of a red circle"
+    assert swapped("two red circles and a blue square") == "two blue circles and a red square"
+    assert swapped("a red circle and a blue circle") is None  # the same two groups, unordered
+    assert swapped("a circle and a square") is None and swapped("two red circles") is None
+    rng = np.random.default_rng(5)
+    n = 0
+    for _ in range(300):
+        spec = random_spec(rng)
+        s = colour_swap(spec)
+        if s is not None:
+            n += 1
+            assert _differences(spec, s) == ["color", "color"]
+            assert parse(to_prompt(s)) == s and set(s.objects) != set(spec.objects)
+    assert n > 30

@@ -152,3 +152,28 @@ def test_sample_scene_accepts_a_generator():
     a = sample_scene(spec, np.random.default_rng(5))
     b = sample_scene(spec, np.random.default_rng(5))
     assert a == b
+
+
+def test_touching_scene_fuses_two_objects_of_one_colour():
+    """The encoder's near-miss negatives: one object moved onto a partner of its colour, so the two
+    make one 8-connected region and the checker rejects the image for its prompt; only that object
+    moves, it stays inside the image, and scenes with no two objects of one colour give None."""
+    from t2ialign.world import check
+    from t2ialign.world.scene import touching_scene
+
+    spec = parse("three red squares")
+    for seed in range(30):
+        scene = sample_scene(spec, seed)
+        near = touching_scene(scene, np.random.default_rng(seed))
+        assert near is not None and near.background == scene.background
+        moved = [a for a, b in zip(scene.objects, near.objects, strict=True) if a != b]
+        assert len(moved) == 1
+        assert all(o.half <= o.cx <= 1 - o.half and o.half <= o.cy <= 1 - o.half for o in near.objects)
+        img = render_scene(near)
+        mask = (img == np.array(COLORS["red"], dtype=np.uint8)).all(axis=-1)
+        _, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        assert n < 3, seed
+        assert not check(img, spec).correct
+    two_colours = sample_scene(parse("a red circle and a blue square"), 0)
+    assert touching_scene(two_colours, np.random.default_rng(0)) is None
+    assert touching_scene(sample_scene(parse("a red circle"), 0), np.random.default_rng(0)) is None

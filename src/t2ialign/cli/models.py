@@ -51,6 +51,18 @@ def add_parsers(sub) -> None:
         default=0.0,
         help="fraction of each batch's renders blurred and noised (0: clean renders only)",
     )
+    p.add_argument(
+        "--near-miss",
+        type=float,
+        default=0.0,
+        help="probability that a prompt with two same-colour objects gets a render where they touch, "
+        "as an extra negative image (0: none)",
+    )
+    p.add_argument(
+        "--swap-negatives",
+        action="store_true",
+        help="also give each prompt with two coloured objects its colour swap as a negative prompt",
+    )
 
     p = add_command(
         sub,
@@ -107,6 +119,8 @@ def cmd_pretrain_encoder(args) -> int:
         checkpoint_every=args.checkpoint_every,
         device=args.device,
         degrade=args.degrade,
+        near_miss=args.near_miss,
+        swap_negatives=args.swap_negatives,
     )
     model = pretrain_encoder(cfg, args.out)
     if args.eval_images > 0:

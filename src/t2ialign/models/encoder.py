@@ -7,6 +7,8 @@ respect to the pixels; ``image_features`` are the pre-projection features used f
 Training (``pretrain_encoder``): symmetric InfoNCE over a batch of renders and their prompts, with
 one extra hard negative per image (a prompt differing in exactly one attribute), so that the
 embedding separates counts, colours, shapes, backgrounds and positions rather than just scenes.
+Two options, off by default, add near misses: renders whose same-colour objects touch, as negative
+images (``near_miss``), and colour-swapped prompts, as negative prompts (``swap_negatives``).
 """
 
 from __future__ import annotations
@@ -133,11 +135,23 @@ class EncoderTrainConfig:
     only, as the shipped encoder was trained), so that the encoder also reads images that look like a
     small generator's."""
 
+    near_miss: float = 0.0
+    """Probability that a prompt of the batch whose scene has two objects of one colour also gets a
+    near-miss render (:func:`~t2ialign.world.scene.touching_scene`: the two objects touch, so the
+    image no longer shows the prompt), an extra negative image for that prompt in the text-to-image
+    direction of the loss (0: none, as the shipped encoder was trained)."""
+    swap_negatives: bool = False
+    """Also give every prompt with two coloured object groups its colour swap
+    (:func:`~t2ialign.world.suites.colour_swap`) as an extra negative prompt (False: only the one
+    one-attribute perturbation per image, as the shipped encoder was trained)."""
+
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be positive and batch_size at least 2")
         if not 0.0 <= self.degrade <= 1.0:
             raise ValueError(f"degrade must be in [0, 1], got {self.degrade}")
+        if not 0.0 <= self.near_miss <= 1.0:
+            raise ValueError(f"near_miss must be in [0, 1], got {self.near_miss}")
 
 
 def degrade(x: torch.Tensor, rng: np.random.Generator, fraction: float) -> torch.Tensor:
@@ -174,23 +188,58 @@ def degrade(x: torch.Tensor, rng: np.random.Generator, fraction: float) -> torch
 
 
 def contrastive_loss(
-    img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, n_pos: int
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor,
+    n_pos: int,
+    img_neg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE. ``img`` (B, D) matches ``txt[:B]``; ``txt[B:]`` are extra negatives that
-    only the image-to-text direction sees."""
-    logits = logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B + extra)
+    only the image-to-text direction sees; ``img_neg`` (M, D), extra negative images that only the
+    text-to-image direction sees:
+
+        L = 1/2 [ CE_i(s * img_i . txt^T, i) + CE_i(s * txt_i . [img; img_neg]^T, i) ],  s = exp(logit_scale)
+    """
+    scale = logit_scale.exp().clamp(max=100)
+    logits = scale * img @ txt.T  # (B, B + extra)
     target = torch.arange(n_pos, device=img.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n_pos].T, target))
+    i2t = F.cross_entropy(logits, target)
+    images = img if img_neg is None else torch.cat([img, img_neg])  # (B + M, D)
+    t2i = F.cross_entropy(scale * txt[:n_pos] @ images.T, target)  # (B, B + M)
+    return 0.5 * (i2t + t2i)
 
 
-def _hard_negatives(specs, rng) -> list[str]:
+def near_miss_renders(specs, rng: np.random.Generator, p: float, size: int) -> torch.Tensor | None:
+    """Near-miss renders (M, 3, H, W) in [0, 1] for the batch's ``specs``: with probability ``p`` per
+    spec, a new scene of it with two objects of one colour moved to touch
+    (:func:`~t2ialign.world.scene.touching_scene`); None when there are none."""
+    from t2ialign.world.scene import render_scene, sample_scene, touching_scene
+
+    out = []
+    for s in specs:
+        seed = int(rng.integers(2**31))
+        if rng.random() >= p:
+            continue
+        scene = touching_scene(sample_scene(s, seed), rng)
+        if scene is not None:
+            out.append(render_scene(scene, size))
+    if not out:
+        return None
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _hard_negatives(specs, rng, swaps: bool = False) -> list[str]:
+    """One random one-attribute perturbation per spec; with ``swaps``, also each spec's colour swap
+    where it has one."""
     from t2ialign.world.grammar import to_prompt
-    from t2ialign.world.suites import perturbations
+    from t2ialign.world.suites import colour_swap, perturbations
 
     out = []
     for s in specs:
         ps = perturbations(s)
         out.append(to_prompt(ps[int(rng.integers(len(ps)))][1]))
+    if swaps:
+        out += [to_prompt(w) for w in map(colour_swap, specs) if w is not None]
     return out
 
 
@@ -210,7 +259,12 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         if "config" in ck and ck["config"] != asdict(cfg):
-            saved = {"degrade": 0.0, **ck["config"]}  # checkpoints from before the option
+            saved = {
+                "degrade": 0.0,
+                "near_miss": 0.0,
+                "swap_negatives": False,
+                **ck["config"],
+            }  # older checkpoints
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
             if set(diff) - {"steps", "checkpoint_every", "device"}:
                 raise ValueError(f"{ckpt_path} was made with other settings {diff}; use another --out")
@@ -232,9 +286,14 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
             x = degrade(x, np.random.default_rng([cfg.data_seed, k, 11]), cfg.degrade)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * min(1.0, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
-        img = model.encode_image(x.to(cfg.device))
-        txt = model.encode_text(prompts + _hard_negatives(specs, rng))
-        loss = contrastive_loss(img, txt, model.logit_scale, len(prompts))
+        x_neg = None
+        if cfg.near_miss > 0:
+            rng_nm = np.random.default_rng([cfg.data_seed, k, 13])
+            x_neg = near_miss_renders(specs, rng_nm, cfg.near_miss, model.config.image_size)
+        img = model.encode_image(x.to(cfg.device) if x_neg is None else torch.cat([x, x_neg]).to(cfg.device))
+        img, img_neg = img[: len(prompts)], (img[len(prompts) :] if x_neg is not None else None)
+        txt = model.encode_text(prompts + _hard_negatives(specs, rng, cfg.swap_negatives))
+        loss = contrastive_loss(img, txt, model.logit_scale, len(prompts), img_neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

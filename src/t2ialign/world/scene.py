@@ -124,6 +124,38 @@ def render_scene(scene: Scene, size: int = 32) -> np.ndarray:
     return img
 
 
+def touching_scene(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """A near miss of ``scene``: one object moved so that it touches or overlaps another object of
+    its colour, which a small generator often draws and which then reads as one region of that
+    colour (a wrong count and a wrong shape). The moved object sits beside its partner on a random
+    side, the two boxes overlapping by one pixel (of 32) to half the smaller object and their centres
+    offset sideways by at most a quarter of the smaller object's size, inside the image. None when no
+    two objects share a colour or no such move fits."""
+    objs = list(scene.objects)
+    pairs = [
+        (i, j)
+        for i in range(len(objs))
+        for j in range(len(objs))
+        if i != j and objs[i].color == objs[j].color
+    ]
+    if not pairs:
+        return None
+    for _ in range(20):
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        a, b = objs[i], objs[j]
+        side = int(rng.integers(4))  # 0: right of a, 1: left, 2: below, 3: above
+        small = min(a.half, b.half)
+        reach = a.half + b.half - float(rng.uniform(1.0 / 32, small))
+        along = float(rng.uniform(-small / 2, small / 2))
+        dx, dy = [(reach, along), (-reach, along), (along, reach), (along, -reach)][side]
+        cx, cy = a.cx + dx, a.cy + dy
+        if b.half <= cx <= 1 - b.half and b.half <= cy <= 1 - b.half:
+            moved = PlacedObject(b.shape, b.color, cx, cy, b.half)
+            objs[j] = moved
+            return Scene(background=scene.background, objects=tuple(objs))
+    return None
+
+
 def render(spec: Spec, seed: int, size: int = 32) -> np.ndarray:
     """Render a seeded scene for ``spec``: ``render_scene(sample_scene(spec, seed), size)``."""
     return render_scene(sample_scene(spec, seed), size)

@@ -139,3 +139,22 @@ def perturbations(spec: Spec) -> list[tuple[str, Spec]]:
             if r != spec.relation:
                 out.append(("position", _try(groups, r, spec.background)))
     return [(a, s) for a, s in out if s is not None and s != spec]
+
+
+def colour_swap(spec: Spec) -> Spec | None:
+    """``spec`` with the colours of its two object groups exchanged ("a red circle and a blue
+    square" -> "a blue circle and a red square"): a two-attribute change that tests which colour
+    belongs to which object. None when the spec has one group, a group without colour, or when the
+    swap says the same thing (two groups of one shape and no relation)."""
+    if len(spec.objects) != 2 or any(o.color is None for o in spec.objects):
+        return None
+    a, b = spec.objects
+    if a.color == b.color:
+        return None
+    out = Spec(
+        (ObjectSpec(a.shape, a.count, b.color), ObjectSpec(b.shape, b.count, a.color)),
+        relation=spec.relation,
+        background=spec.background,
+    )
+    same = spec.relation is None and set(out.objects) == set(spec.objects)  # groups are unordered
+    return None if same else out
