@@ -153,6 +153,8 @@ def test_hard_negatives_with_colour_swaps():
     plain = _hard_negatives(specs, np.random.default_rng(0))
     both = _hard_negatives(specs, np.random.default_rng(0), swaps=True)
     assert len(plain) == 2 and both == plain + ["a blue circle and a red square"]
+    with pytest.raises(ValueError, match="swap_negatives must be"):
+        EncoderTrainConfig(swap_negatives="yes")
 
 
 def test_tokenizer_names_unknown_words():

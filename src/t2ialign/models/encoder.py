@@ -152,6 +152,8 @@ class EncoderTrainConfig:
             raise ValueError(f"degrade must be in [0, 1], got {self.degrade}")
         if not 0.0 <= self.near_miss <= 1.0:
             raise ValueError(f"near_miss must be in [0, 1], got {self.near_miss}")
+        if not isinstance(self.swap_negatives, bool):
+            raise ValueError(f"swap_negatives must be True or False, got {self.swap_negatives!r}")
 
 
 def degrade(x: torch.Tensor, rng: np.random.Generator, fraction: float) -> torch.Tensor:
