@@ -258,9 +258,8 @@ def train_nft(
         raise ValueError("weighting='x0_adaptive' is written for flow models (x0_hat - x0 = -s (v_hat - v))")
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     ranks = Ranks(accelerator)
-    mine = ranks.shard(
-        cfg.prompts_per_iter * cfg.group_size
-    )  # before any collective: fails early on an uneven split
+    # before any collective: fails early on an uneven split
+    mine = ranks.shard(cfg.prompts_per_iter * cfg.group_size)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, extra = load_trainer_state(out, backend, opt, ranks)

@@ -140,9 +140,8 @@ def train_raft(
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
     ranks = Ranks(accelerator)
-    mine = ranks.shard(
-        cfg.prompts_per_round * cfg.samples_per_prompt
-    )  # before any collective: fails early on an uneven split
+    # before any collective: fails early on an uneven split
+    mine = ranks.shard(cfg.prompts_per_round * cfg.samples_per_prompt)
     params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
     opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
     start, _ = load_trainer_state(out, backend, opt, ranks)

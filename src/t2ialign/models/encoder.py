@@ -261,12 +261,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         if "config" in ck and ck["config"] != asdict(cfg):
-            saved = {
-                "degrade": 0.0,
-                "near_miss": 0.0,
-                "swap_negatives": False,
-                **ck["config"],
-            }  # older checkpoints
+            saved = {**asdict(EncoderTrainConfig()), **ck["config"]}  # options newer than it: defaults
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
             if set(diff) - {"steps", "checkpoint_every", "device"}:
                 raise ValueError(f"{ckpt_path} was made with other settings {diff}; use another --out")
@@ -288,14 +283,15 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
             x = degrade(x, np.random.default_rng([cfg.data_seed, k, 11]), cfg.degrade)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * min(1.0, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * k / cfg.steps))
-        x_neg = None
+        b = len(prompts)
         if cfg.near_miss > 0:
             rng_nm = np.random.default_rng([cfg.data_seed, k, 13])
             x_neg = near_miss_renders(specs, rng_nm, cfg.near_miss, model.config.image_size)
-        img = model.encode_image(x.to(cfg.device) if x_neg is None else torch.cat([x, x_neg]).to(cfg.device))
-        img, img_neg = img[: len(prompts)], (img[len(prompts) :] if x_neg is not None else None)
+            if x_neg is not None:
+                x = torch.cat([x, x_neg])  # (B + M, 3, H, W): the near misses after the batch's renders
+        img = model.encode_image(x.to(cfg.device))  # (B [+ M], D)
         txt = model.encode_text(prompts + _hard_negatives(specs, rng, cfg.swap_negatives))
-        loss = contrastive_loss(img, txt, model.logit_scale, len(prompts), img_neg)
+        loss = contrastive_loss(img[:b], txt, model.logit_scale, b, img[b:] if len(img) > b else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
