@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from t2ialign.algorithms.rwr import PretrainSource, WeightedSamples
+from t2ialign.world.captions import WEB, CaptionNoise
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -133,9 +134,16 @@ def pseudo_labelled(
     return WeightedSamples(x, prompts, weights_from(mode, None, rewards, threshold))
 
 
-def world_pretrain_source(seed: int = 777, size: int = 32, cond_dropout: float = 0.1) -> PretrainSource:
-    """Pre-training data of the embedded world (true renders of random specs), batch k a pure function
-    of (seed, k): the paper's LAION term.
+def world_pretrain_source(
+    seed: int = 777, size: int = 32, cond_dropout: float = 0.1, captions: CaptionNoise = WEB
+) -> PretrainSource:
+    """Pre-training data of the embedded world (renders of random specs with their web captions),
+    batch k a pure function of (seed, k): the paper's LAION term.
+
+    The captions are the web's (:data:`~t2ialign.world.captions.WEB`) by default, as the paper's
+    pre-training data was LAION, not aligned data: the term keeps fidelity and pulls alignment back
+    towards the base's, and fine-tuning has to win against it. ``EXACT`` is the counterfactual of
+    perfect pre-training captions.
 
     As in pre-training, ``cond_dropout`` of the prompts are replaced by the null prompt, so that the
     unconditional prediction (the other half of classifier-free guidance) stays anchored to the data
@@ -144,7 +152,9 @@ def world_pretrain_source(seed: int = 777, size: int = 32, cond_dropout: float =
     from t2ialign.models.pretrain import world_batch
 
     def source(step: int, batch_size: int):
-        x, prompts, _ = world_batch(seed, step, batch_size, size, cond_dropout=cond_dropout)
+        x, prompts, _ = world_batch(
+            seed, step, batch_size, size, cond_dropout=cond_dropout, captions=captions
+        )
         return x, prompts
 
     return source

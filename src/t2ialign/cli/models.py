@@ -22,7 +22,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the data stream, the noise and the weights")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time (0: none)")
+    p.add_argument(
+        "--snapshots",
+        default="",
+        help="comma-separated steps at which a copy of the weights is also kept in OUT/stepN "
+        "(multiples of --checkpoint-every), for a curve of quality against steps",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--captions",
+        default="web",
+        choices=["web", "exact"],
+        help="caption noise of the pre-training stream: web (alt-text that miscounts and misnames, "
+        "the default) or exact (the true prompts); see 't2ialign world captions'",
+    )
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
 
     p = add_command(
@@ -45,6 +58,13 @@ def add_parsers(sub) -> None:
         help="held-out renders for the zero-shot retrieval report (0: skip)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--captions",
+        default="web",
+        choices=["web", "exact"],
+        help="caption noise of the pre-training stream: web (alt-text that miscounts and misnames, "
+        "the default) or exact (the true prompts); see 't2ialign world captions'",
+    )
     p.add_argument(
         "--degrade",
         type=float,
@@ -100,8 +120,10 @@ def cmd_pretrain(args) -> int:
         checkpoint_every=args.checkpoint_every,
         max_minutes=args.max_minutes,
         device=args.device,
+        captions=args.captions,
     )
-    pretrain(cfg, args.out)
+    snapshots = tuple(int(s) for s in args.snapshots.split(",") if s.strip())
+    pretrain(cfg, args.out, snapshots=snapshots)
     print(f"saved the generator to {args.out} (load it with --model {args.out})")
     return 0
 
@@ -121,6 +143,7 @@ def cmd_pretrain_encoder(args) -> int:
         degrade=args.degrade,
         near_miss=args.near_miss,
         swap_negatives=args.swap_negatives,
+        captions=args.captions,
     )
     model = pretrain_encoder(cfg, args.out)
     if args.eval_images > 0:

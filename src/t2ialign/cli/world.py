@@ -55,6 +55,21 @@ def add_parsers(sub) -> None:
 
     p = add_command(
         wsub,
+        "captions",
+        cmd_captions,
+        "caption a stream of random scenes as the web would, and print how often each attribute is "
+        "stated truly",
+        "t2ialign world captions --noise web --n 20000 --out web_captions.jsonl",
+    )
+    p.add_argument("--noise", default="web", choices=["web", "exact"], help="caption noise preset")
+    p.add_argument("--n", type=int, default=20000, help="scenes to caption")
+    p.add_argument("--seed", type=int, default=0, help="seeds the scenes and the noise")
+    p.add_argument(
+        "--out", default=None, help="write the captions with their true and stated specs here (.jsonl)"
+    )
+
+    p = add_command(
+        wsub,
         "check",
         cmd_check,
         "check one image against a prompt, with reasons",
@@ -136,6 +151,53 @@ def cmd_showcase(args) -> int:
             captions.append(to_prompt(spec))
     labelled_grid(images, captions, cols=6).save(args.out)
     print(f"wrote {args.out}: {len(images)} renders, three per task ({', '.join(TASKS)})")
+    return 0
+
+
+def cmd_captions(args) -> int:
+    import json
+
+    from t2ialign.world.captions import caption_accuracy, caption_preset, caption_spec
+    from t2ialign.world.grammar import to_prompt
+    from t2ialign.world.scene import random_spec
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    noise = caption_preset(args.noise)
+    rng, crng = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
+    pairs = []
+    for _ in range(args.n):
+        spec = random_spec(rng)
+        pairs.append((spec, caption_spec(spec, noise, crng)))
+    acc = caption_accuracy(pairs)
+    rate = noise.to_dict()
+    configured = {
+        "count": None,
+        **{f"count_{n}": 1 - r for n, r in enumerate(noise.count_wrong, 1)},
+        "color": 1 - rate["color_wrong"],
+        "color_binding": 1 - rate["color_swap"],
+        "shape": 1 - rate["shape_wrong"],
+        "position": 1 - rate["relation_wrong"],
+        "background": 1 - rate["background_wrong"],
+    }
+    rows = [
+        [a, f"{v['accuracy']:.3f}", "-" if configured.get(a) is None else f"{configured[a]:.3f}", v["n"]]
+        for a, v in acc.items()
+    ]
+    print(f"{args.noise} captions of {args.n} random scenes (seed {args.seed}): how often each is true")
+    print_table(["attribute", "caption accuracy", "configured", "n"], rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            for true, cap in pairs:
+                row = {
+                    "caption": to_prompt(cap),
+                    "prompt": to_prompt(true),
+                    "task": true.task,
+                    "spec": true.to_dict(),
+                    "caption_spec": cap.to_dict(),
+                }
+                f.write(json.dumps(row) + "\n")
+        print(f"wrote {len(pairs)} captions with their true and stated specs to {args.out}")
     return 0
 
 

@@ -140,12 +140,20 @@ class EncoderTrainConfig:
     near-miss render (:func:`~t2ialign.world.scene.touching_scene`: the two objects touch, so the
     image no longer shows the prompt), an extra negative image for that prompt in the text-to-image
     direction of the loss (0: none, as the shipped encoder was trained)."""
+    captions: str = "web"
+    """Caption noise of the training stream, a preset of :mod:`t2ialign.world.captions` (``web``: the
+    alt-text a CLIP learns from; ``exact``: the true prompts, as the encoder of the previous world
+    was trained). The hard negative prompts are perturbations of the caption, not of the truth,
+    which the web does not know."""
     swap_negatives: bool = False
     """Also give every prompt with two coloured object groups its colour swap
     (:func:`~t2ialign.world.suites.colour_swap`) as an extra negative prompt (False: only the one
     one-attribute perturbation per image, as the shipped encoder was trained)."""
 
     def __post_init__(self):
+        from t2ialign.world.captions import caption_preset
+
+        caption_preset(self.captions)  # an unknown preset is an error naming the known ones
         if self.steps < 1 or self.batch_size < 2 or self.checkpoint_every < 1:
             raise ValueError("steps and checkpoint_every must be positive and batch_size at least 2")
         if not 0.0 <= self.degrade <= 1.0:
@@ -249,7 +257,14 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     """Train (or resume) the dual encoder in ``out``; saves ``model.safetensors`` + ``card.json``."""
     from tqdm import tqdm
 
-    from t2ialign.models.pretrain import _save_atomic, machine_description, world_batch
+    from t2ialign.models.pretrain import (
+        _save_atomic,
+        check_resumed_captions,
+        machine_description,
+        world_batch,
+    )
+    from t2ialign.world.captions import caption_preset
+    from t2ialign.world.grammar import parse
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +275,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     start, wall, losses = 0, 0.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        check_resumed_captions(ck.get("config", {}), cfg.captions, ckpt_path)
         if "config" in ck and ck["config"] != asdict(cfg):
             saved = {**asdict(EncoderTrainConfig()), **ck["config"]}  # options newer than it: defaults
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
@@ -277,7 +293,10 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     t0 = time.time() - wall
     bar = tqdm(total=cfg.steps, initial=start, desc="pretrain-encoder", unit="step", disable=not progress)
     for k in range(start, cfg.steps):
-        x, prompts, specs = world_batch(cfg.data_seed, k, cfg.batch_size, model.config.image_size)
+        noise = caption_preset(cfg.captions)
+        x, prompts, specs = world_batch(cfg.data_seed, k, cfg.batch_size, model.config.image_size, 0.0, noise)
+        if not noise.is_exact:  # what the text says, for the hard negatives and the near misses
+            specs = [parse(p) for p in prompts]
         rng = np.random.default_rng([cfg.data_seed, k, 7])
         if cfg.degrade > 0:
             x = degrade(x, np.random.default_rng([cfg.data_seed, k, 11]), cfg.degrade)
@@ -307,6 +326,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
                 card={
                     "training_command": "t2ialign " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                     "train_config": asdict(cfg),
+                    "captions": {"preset": cfg.captions, "noise": caption_preset(cfg.captions).to_dict()},
                     "steps": k + 1,
                     "wall_time_s": round(wall, 1),
                     "machine": machine_description(cfg.device),

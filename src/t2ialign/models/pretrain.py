@@ -21,6 +21,7 @@ import torch
 
 from t2ialign.models.generator import Generator, build_generator, save_generator
 from t2ialign.sampling.flow import add_noise, flow_matching_loss
+from t2ialign.world.captions import CaptionNoise, caption_preset
 
 
 @dataclass
@@ -38,8 +39,10 @@ class PretrainConfig:
     image_size: int = 32
     max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
     device: str = "cpu"  # where the model trains; data and noise are drawn on the CPU either way
+    captions: str = "web"  # caption noise of the stream: a preset of ``world.captions`` (web, exact)
 
     def __post_init__(self):
+        caption_preset(self.captions)  # an unknown preset is an error naming the known ones
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, batch_size and checkpoint_every must be positive")
         if not 0 <= self.cond_dropout < 1:
@@ -50,17 +53,47 @@ class PretrainConfig:
             raise ValueError(f"image_size must be 32 or 64, got {self.image_size}")
 
 
-def world_batch(data_seed: int, k: int, batch_size: int, size: int = 32, cond_dropout: float = 0.0):
-    """Batch ``k`` of the pre-training stream: images in [0, 1] (B, 3, H, W), prompts, specs."""
+def world_batch(
+    data_seed: int,
+    k: int,
+    batch_size: int,
+    size: int = 32,
+    cond_dropout: float = 0.0,
+    captions: CaptionNoise | None = None,
+):
+    """Batch ``k`` of the pre-training stream: images in [0, 1] (B, 3, H, W), prompts, true specs.
+
+    ``captions`` is the caption noise of the prompts (:mod:`t2ialign.world.captions`; ``None`` or
+    ``EXACT``: the true prompts). The images and specs do not depend on it: the web and the exact
+    stream of one seed show the same scenes, and only their captions differ (the caption noise draws
+    from a stream of its own)."""
+    from t2ialign.world.captions import caption
     from t2ialign.world.grammar import to_prompt
     from t2ialign.world.scene import random_spec, render
 
     rng = np.random.default_rng([data_seed, k])
     specs = [random_spec(rng) for _ in range(batch_size)]
     imgs = np.stack([render(s, int(rng.integers(2**31)), size) for s in specs])  # (B, H, W, 3)
-    prompts = [to_prompt(s) if rng.random() >= cond_dropout else "" for s in specs]
+    if captions is None or captions.is_exact:
+        texts = [to_prompt(s) for s in specs]
+    else:
+        crng = np.random.default_rng([data_seed, k, 3])
+        texts = [caption(s, captions, crng) for s in specs]
+    prompts = [t if rng.random() >= cond_dropout else "" for t in texts]
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
     return x, prompts, specs
+
+
+def check_resumed_captions(saved_config: dict, captions: str, ckpt_path: Path) -> None:
+    """Refuse to resume a checkpoint trained on other captions than this run asks for (runs from
+    before the captioner saved no ``captions`` and were trained on exact captions)."""
+    saved = saved_config.get("captions", "exact")
+    if saved != captions:
+        raise ValueError(
+            f"{ckpt_path} was trained on {saved!r} captions and this run asks for {captions!r}: a model "
+            f"pre-trained on one caption corpus does not continue on another; pass --captions {saved} "
+            "to resume it, or use another --out"
+        )
 
 
 def lr_at(cfg: PretrainConfig, k: int) -> float:
@@ -83,8 +116,19 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Generator:
-    """Train (or resume) a generator in ``out``; returns the EMA model, also saved to ``out``."""
+def pretrain(
+    cfg: PretrainConfig, out: str | Path, progress: bool = True, snapshots: tuple[int, ...] = ()
+) -> Generator:
+    """Train (or resume) a generator in ``out``; returns the EMA model, also saved to ``out``.
+
+    ``snapshots``: steps (each a multiple of ``cfg.checkpoint_every``) at which a copy of the
+    weights and card is also kept in ``out/step{N}`` (for a curve of quality against steps)."""
+    bad = [s for s in snapshots if s % cfg.checkpoint_every or not 0 < s <= cfg.steps]
+    if bad:
+        raise ValueError(
+            f"snapshot steps {bad} must be multiples of checkpoint_every ({cfg.checkpoint_every}) "
+            f"from 1 to steps ({cfg.steps})"
+        )
     from tqdm import tqdm
 
     out = Path(out)
@@ -98,8 +142,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
     losses: list[float] = []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        if ck["config"] != asdict(cfg):
-            diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
+        check_resumed_captions(ck["config"], cfg.captions, ckpt_path)
+        saved = {"captions": "exact", **ck["config"]}  # runs from before the captioner: exact captions
+        if saved != asdict(cfg):
+            diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
             if set(diff) - {"steps", "max_minutes", "checkpoint_every", "device"}:
                 raise ValueError(f"{ckpt_path} was made with other settings {diff}; use another --out")
         model.load_state_dict(ck["model"])
@@ -112,20 +158,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
         # The weights and card first, the resume checkpoint last: a run killed in between resumes
         # from the previous checkpoint and writes this step's weights again, so a run whose
         # checkpoint says it is finished always has its final weights on disk.
-        save_generator(
-            copy.deepcopy(ema).cpu(),
-            out,
-            card={
-                "name": f"shapes-{cfg.preset}",
-                "training_command": "t2ialign " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                "pretrain_config": asdict(cfg),
-                "steps": step,
-                "wall_time_s": round(wall, 1),
-                "machine": machine_description(cfg.device),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
-            },
-        )
+        for folder in [out] + ([out / f"step{step}"] if step in snapshots else []):
+            save_generator(copy.deepcopy(ema).cpu(), folder, card=card(step))
         _save_atomic(
             {
                 "step": step,
@@ -139,6 +173,19 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
             ckpt_path,
         )
 
+    def card(step: int) -> dict:
+        return {
+            "name": f"shapes-{cfg.preset}",
+            "training_command": "t2ialign " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "pretrain_config": asdict(cfg),
+            "captions": {"preset": cfg.captions, "noise": caption_preset(cfg.captions).to_dict()},
+            "steps": step,
+            "wall_time_s": round(wall, 1),
+            "machine": machine_description(cfg.device),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
+        }
+
     model.to(cfg.device)
     ema.to(cfg.device)
     for st in opt.state.values():
@@ -150,7 +197,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Gen
     k = start
     model.train()
     while k < cfg.steps:
-        x, prompts, _ = world_batch(cfg.data_seed, k, cfg.batch_size, cfg.image_size, cfg.cond_dropout)
+        x, prompts, _ = world_batch(
+            cfg.data_seed, k, cfg.batch_size, cfg.image_size, cfg.cond_dropout, caption_preset(cfg.captions)
+        )
         g = torch.Generator().manual_seed(cfg.data_seed * 1_000_003 + k)
         x0 = model.encode_images(x).to(cfg.device)
         eps = torch.randn(x0.shape, generator=g).to(cfg.device)
