@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from t2ialign.models.pretrain import PretrainConfig, check_resumed_captions, world_batch
 from t2ialign.world.captions import (
@@ -180,3 +181,39 @@ def test_no_fine_tuning_method_defaults_to_exact_pretraining_captions():
     # the trainers themselves never build a source: they take the one they are given
     for path in (SRC / "algorithms").glob("*.py"):
         assert "world_batch" not in path.read_text(), path
+
+
+def test_pretrain_snapshots_and_card_name_the_captions(tmp_path):
+    import json
+
+    from t2ialign.models import load_generator
+    from t2ialign.models.pretrain import pretrain
+
+    cfg = PretrainConfig(preset="tiny", steps=4, batch_size=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="multiples of checkpoint_every"):
+        pretrain(cfg, tmp_path / "bad", progress=False, snapshots=(3,))
+    pretrain(cfg, tmp_path, progress=False, snapshots=(2, 4))
+    cards = {n: json.loads((tmp_path / f"step{n}" / "card.json").read_text()) for n in (2, 4)}
+    assert [cards[n]["steps"] for n in (2, 4)] == [2, 4]
+    assert cards[4]["captions"] == {"preset": "web", "noise": WEB.to_dict()}
+    final, snap = load_generator(tmp_path), load_generator(tmp_path / "step4")
+    for a, b in zip(final.state_dict().values(), snap.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_world_captions_command(tmp_path):
+    import json
+
+    from t2ialign.cli.main import main
+
+    out = tmp_path / "web.jsonl"
+    assert main(["world", "captions", "--noise", "web", "--n", "300", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 300 and any(r["caption"] != r["prompt"] for r in rows)
+    for r in rows:
+        assert parse(r["caption"]) == Spec.from_dict(r["caption_spec"])
+        assert parse(r["prompt"]) == Spec.from_dict(r["spec"])
+    assert main(["world", "captions", "--noise", "exact", "--n", "50", "--out", str(out)]) == 0
+    assert all(
+        json.loads(line)["caption"] == json.loads(line)["prompt"] for line in out.read_text().splitlines()
+    )
