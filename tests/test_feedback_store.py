@@ -234,18 +234,19 @@ def test_schema_migrations(tmp_path, monkeypatch):
     def v2(conn):
         conn.execute("ALTER TABLE labels ADD COLUMN comment TEXT")
 
-    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(schema_mod.MIGRATIONS, 2, v2)
+    current = schema_mod.SCHEMA_VERSION  # the next version is a test migration
+    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(schema_mod.MIGRATIONS, current + 1, v2)
     s = FeedbackStore.open(tmp_path / "p")
     conn = s._conn()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1
     assert [tuple(r) for r in conn.execute("SELECT value, comment FROM labels")] == [("good", None)]
-    backups = list((tmp_path / "p" / "backups").glob("feedback-v1-*.sqlite"))
+    backups = list((tmp_path / "p" / "backups").glob(f"feedback-v{current}-*.sqlite"))
     assert len(backups) == 1  # the old database, copied before migrating
     assert sqlite3.connect(backups[0]).execute("SELECT count(*) FROM labels").fetchone()[0] == 1
     s.close()
 
-    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", current)
     with pytest.raises(schema_mod.SchemaError, match="newer than this"):
         FeedbackStore.open(tmp_path / "p")
 
@@ -263,12 +264,13 @@ def test_failed_migration_leaves_the_old_version(tmp_path, monkeypatch):
         conn.execute("ALTER TABLE labels ADD COLUMN note TEXT")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(schema_mod.MIGRATIONS, 2, broken)
+    current = schema_mod.SCHEMA_VERSION
+    monkeypatch.setattr(schema_mod, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(schema_mod.MIGRATIONS, current + 1, broken)
     with pytest.raises(RuntimeError, match="boom"):
         FeedbackStore.open(tmp_path / "p")
     conn = sqlite3.connect(tmp_path / "p" / "feedback.sqlite")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == current
     assert "note" not in [r[1] for r in conn.execute("PRAGMA table_info(labels)")]
 
 

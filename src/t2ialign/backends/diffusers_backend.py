@@ -170,6 +170,31 @@ class DiffusersBackend:
             self._cache.popitem(last=False)
         return out
 
+    def prompt_limits(self) -> list[tuple[str, object, int]]:
+        """(name, tokenizer, most tokens it passes on) of each of the pipeline's tokenizers: a CLIP
+        tokenizer's ``model_max_length`` (77 for the real models), T5's ``max_sequence_length``."""
+        t5 = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}.get(self.family)
+        out = []
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tok = getattr(self.pipe, name, None)
+            if tok is None:
+                continue
+            limit = int(getattr(self, "max_sequence_length", 0)) if name == t5 else int(tok.model_max_length)
+            out.append((name, tok, limit))
+        return out
+
+    def overlong_prompts(self, prompts: list[str]) -> list[dict]:
+        """The prompts that a text encoder of this pipeline would cut: one dict per (prompt,
+        tokenizer) with ``prompt``, ``tokenizer``, ``tokens`` (with the special tokens) and
+        ``limit``. The pipeline keeps the first ``limit`` tokens (diffusers' ``encode_prompt``)."""
+        out = []
+        for name, tok, limit in self.prompt_limits():
+            for p in dict.fromkeys(prompts):
+                n = len(tok(p, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+                if n > limit:
+                    out.append({"prompt": p, "tokenizer": name, "tokens": n, "limit": limit})
+        return out
+
     def uncond(self, n: int) -> TextCond:
         """The unconditional input of classifier-free guidance (the empty prompt)."""
         return self.encode([""]).repeat_interleave(n)

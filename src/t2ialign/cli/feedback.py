@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from t2ialign.cli.common import add_command, print_table
+from t2ialign.cli.common import add_command, add_model_args, check_device, print_table
+from t2ialign.cli.inputs import add_long_prompts_arg
 
 
 def add_parsers(sub) -> None:
@@ -18,9 +19,26 @@ def add_parsers(sub) -> None:
         "t2ialign generate --project proj --prompts seen.jsonl --per-prompt 4",
     )
     p.add_argument("--project", required=True, help="project folder (created when missing)")
-    p.add_argument("--prompts", required=True, help="prompts .jsonl (from 'world prompts')")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file: plain text, one prompt a line, or JSON lines with 'prompt' and any metadata "
+        "(kept with the prompt: 'group', 'negatives', ...)",
+    )
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt (seeds SEED .. SEED+N-1)")
-    p.add_argument("--model", default=None, help="generator checkpoint (default: the shipped model)")
+    add_model_args(
+        p,
+        "generator: a shapes generator folder (default: the shipped model), a fine-tuned run folder, or "
+        "a diffusers pipeline folder (SD 1.5, SDXL, SD3, FLUX; a saved LoRA folder too)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_long_prompts_arg(p)
+    p.add_argument(
+        "--update-metadata",
+        action="store_true",
+        help="replace the stored metadata of prompts already in the project by the prompt file's "
+        "(without it, other metadata for a known prompt is an error)",
+    )
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight")
     p.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed SEED + j")
@@ -144,19 +162,27 @@ def _open_or_create(project: str, k: int | None):
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from t2ialign.world.imagefolder import read_prompts
+    from t2ialign.cli.inputs import check_prompts_for, load_sampler
+    from t2ialign.prompts import metadata_of, read_prompt_file
 
     _positive("--per-prompt", args.per_prompt)
     _positive("--steps", args.steps)
     _positive("--batch-size", args.batch_size)
+    check_device(args.device)
     if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model}: no such file or folder")
-    rows = read_prompts(args.prompts)
-    from t2ialign.models import load_generator
+    pf = read_prompt_file(args.prompts)
+    rows = pf.rows
     from t2ialign.sampling import generate_images
 
-    model = load_generator(args.model)
+    model = load_sampler(args.model, args.backend, args.device, args.dtype)
+    check_prompts_for(pf, model, args.long_prompts)
     store = _open_or_create(args.project, args.labels_per_image)
+    with store.transaction():  # the prompts and their metadata first, all or none
+        for r in rows:
+            store.add_prompt(
+                r["prompt"], r["spec"], r["task"], r["split"], metadata_of(r), args.update_metadata
+            )
     settings = {"steps": int(args.steps), "guidance": float(args.guidance)}
     todo, have = [], 0
     for r in rows:
@@ -184,6 +210,7 @@ def cmd_generate(args) -> int:
                         spec=r["spec"],
                         task=r["task"],
                         split=r["split"],
+                        metadata=metadata_of(r),
                         model_id=model.model_id,
                         seed=seed,
                         settings=settings,

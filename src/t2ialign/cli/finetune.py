@@ -26,6 +26,7 @@ from t2ialign.cli.common import (
     finish_accelerator,
     launch_accelerator,
 )
+from t2ialign.cli.inputs import add_long_prompts_arg
 
 # METHOD -> (module, config class, train function, needs)
 METHODS = {
@@ -69,10 +70,19 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--reward",
         default=None,
-        help="checker | counting | partial | similarity | a reward folder | a mix 'checker:0.7,DIR:0.3'",
+        help="checker | counting | partial | similarity | clip=CLIP_FOLDER (CLIP score) | "
+        "pickscore=FOLDER (PickScore) | aesthetic=MLP_WEIGHTS@CLIP_FOLDER (LAION's aesthetic predictor) | "
+        "a reward folder | a mix 'checker:0.7,DIR:0.3'; checker, counting and partial need prompts of "
+        "the shapes grammar",
     )
     p.add_argument("--project", default=None, help="feedback project (rwr: labelled images; dpo: pairs)")
-    p.add_argument("--prompts", default=None, help="prompts .jsonl for online methods (default: seen suite)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file for online methods: plain text, one prompt a line, or JSON lines with "
+        "'prompt' and any metadata (passed to the reward); default: the world's seen suite",
+    )
+    add_long_prompts_arg(p)
     p.add_argument("--iterations", type=int, default=None, help="steps / iterations / rounds of the method")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--seed", type=int, default=None)
@@ -145,8 +155,8 @@ def build_reward(text: str | None):
 
     if not text:
         raise ValueError(
-            "this method needs --reward (checker, counting, partial, similarity, a reward "
-            "folder, or a mix like 'checker:0.7,runs/reward:0.3')"
+            "this method needs --reward (checker, counting, partial, similarity, clip=CLIP_FOLDER, "
+            "pickscore=FOLDER, a reward folder, or a mix like 'checker:0.7,runs/reward:0.3')"
         )
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if len(parts) > 1 or ":" in parts[0]:
@@ -167,18 +177,54 @@ def build_reward(text: str | None):
         return named[name]
     if name == "similarity":
         return R.SimilarityReward()
+    kind, _, folder = name.partition("=")
+    if kind == "aesthetic" and folder:
+        from t2ialign.reward.aesthetic import AestheticReward
+        from t2ialign.reward.clip import CLIPBackbone
+
+        weights, at, clip = folder.partition("@")
+        if not at or not Path(clip).is_dir():
+            raise ValueError(f"--reward {name!r}: expected aesthetic=WEIGHTS_FILE@CLIP_FOLDER")
+        return AestheticReward(CLIPBackbone(clip), weights)
+    if kind in ("clip", "pickscore") and folder:
+        from t2ialign.reward.clip import CLIPBackbone
+
+        if not Path(folder).is_dir():
+            raise ValueError(f"--reward {name!r}: {folder} is not a folder (a local CLIPModel folder)")
+        backbone = CLIPBackbone(folder)
+        if kind == "clip":  # the CLIP score: the cosine of the embeddings
+            return R.SimilarityReward(backbone, name="clip")
+        # PickScore: logit_scale.exp() times the cosine, on PickScore_v1's weights and processor
+        return R.SimilarityReward(backbone, name="pickscore", scale=float(backbone.model.logit_scale.exp()))
     if Path(name).is_dir():
         return R.ModelReward.load(name)
     raise ValueError(
-        f"--reward {name!r}: not a known reward (checker, counting, partial, similarity) nor a reward folder"
+        f"--reward {name!r}: not a known reward (checker, counting, partial, similarity, clip=FOLDER, "
+        "pickscore=FOLDER, aesthetic=WEIGHTS@CLIP_FOLDER) nor a reward folder"
     )
 
 
-def _prompt_rows(path: str | None) -> list[dict]:
-    from t2ialign.world.imagefolder import read_prompts
-    from t2ialign.world.suites import suite
+RULE_REWARDS = ("checker", "counting", "partial")  # they read the prompt's spec
 
-    return read_prompts(path) if path else suite("seen")
+
+def _prompt_file(path: str | None, reward: str | None):
+    """The online methods' prompt file (read before any model loads; None: the seen suite). A rule
+    reward (the checker, counting, partial) with free-text prompts is an error naming the line."""
+    from t2ialign.prompts import needs_spec_error, read_prompt_file
+
+    if not path:
+        return None
+    pf = read_prompt_file(path)
+    names = [part.strip().rpartition(":")[0] or part.strip() for part in (reward or "").split(",")]
+    rules = [n for n in names if n in RULE_REWARDS]
+    free = pf.free_text()
+    if rules and free:
+        err = needs_spec_error(f"the {rules[0]} reward", pf.rows[free[0]]["prompt"], pf.where(free[0]))
+        raise ValueError(
+            f"{err}; {len(free)} of {len(pf.rows)} prompts are free text: score them with a learned "
+            "reward (--reward REWARD_DIR) or a CLIP score (--reward clip=CLIP_DIR)"
+        )
+    return pf
 
 
 def cmd_finetune(args) -> int:
@@ -215,6 +261,7 @@ def cmd_finetune(args) -> int:
             n = accelerator.num_processes
             print(f"{args.method}: data-parallel over {n} processes ({device.type}, {how})")
     is_main = accelerator is None or accelerator.is_main_process
+    pf = _prompt_file(args.prompts, args.reward) if needs == "reward" else None
     if args.model is None:
         backend = ShapesBackend(load_generator(device=device if device is not None else "cpu"))
     else:
@@ -265,7 +312,13 @@ def cmd_finetune(args) -> int:
     else:
         if "pretrain_source" in train.__code__.co_varnames:
             kwargs["pretrain_source"] = pre
-        train(backend, build_reward(args.reward), _prompt_rows(args.prompts), cfg, out, **kwargs)
+        from t2ialign.cli.inputs import check_prompts_for
+        from t2ialign.world.suites import suite
+
+        if pf is not None:
+            check_prompts_for(pf, backend, args.long_prompts)
+        rows = pf.rows if pf is not None else suite("seen")
+        train(backend, build_reward(args.reward), rows, cfg, out, **kwargs)
     finish_accelerator(accelerator)
     if is_main:
         print(f"saved the fine-tuned generator to {out}; sample it with: t2ialign sample --model {out} ...")

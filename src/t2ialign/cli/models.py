@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from t2ialign.cli.common import add_command, add_model_args, check_device
+from t2ialign.cli.inputs import add_long_prompts_arg
 
 
 def add_parsers(sub) -> None:
@@ -92,9 +93,14 @@ def add_parsers(sub) -> None:
         "t2ialign sample --prompts seen.jsonl --per-prompt 4 --out samples/ && "
         "t2ialign eval --images samples/",
     )
-    p.add_argument("--prompts", required=True, help="prompts .jsonl (from 'world prompts')")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file: plain text, one prompt a line, or JSON lines with 'prompt' and any metadata",
+    )
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--out", required=True)
+    add_long_prompts_arg(p)
     add_model_args(
         p,
         "a generator folder (default: the shipped model), a fine-tuned run folder, or a diffusers "
@@ -160,31 +166,25 @@ def cmd_pretrain_encoder(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from t2ialign.models import load_generator
+    from t2ialign.cli.inputs import check_prompts_for, load_sampler
+    from t2ialign.prompts import read_prompt_file
     from t2ialign.sampling import generate_images
-    from t2ialign.world.imagefolder import MANIFEST, read_prompts, save_image, write_prompts
+    from t2ialign.world.imagefolder import MANIFEST, manifest_row, save_image, write_prompts
 
     if args.per_prompt < 1:
         raise ValueError("--per-prompt must be at least 1")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     check_device(args.device)
-    rows = read_prompts(args.prompts)
-    folder = Path(args.model) if args.model is not None else None
-    diffusers = args.backend not in (None, "shapes") or (
-        folder is not None
-        and ((folder / "model_index.json").exists() or (folder / "pytorch_lora_weights.safetensors").exists())
-    )
-    if not diffusers:
-        model = load_generator(folder, device=args.device)
-    else:
-        from t2ialign.backends.loader import load_backend
-
-        if folder is None:
-            raise ValueError(f"--backend {args.backend} needs --model PATH (a diffusers pipeline folder)")
-        model = load_backend(folder, args.backend, device=args.device, dtype=args.dtype)
-    expanded = [r for r in rows for _ in range(args.per_prompt)]
+    pf = read_prompt_file(args.prompts)
+    model = load_sampler(args.model, args.backend, args.device, args.dtype)
+    check_prompts_for(pf, model, args.long_prompts)
+    expanded = [r for r in pf.rows for _ in range(args.per_prompt)]
     seeds = [args.seed + k for k in range(len(expanded))]
+    settings = {"model": model.model_id, "steps": args.steps, "guidance": args.guidance}
+    manifest = [
+        manifest_row(f"{k:06d}.png", r, seed=seeds[k], **settings) for k, r in enumerate(expanded)
+    ]  # before sampling: a metadata key that clashes stops here
     images = generate_images(
         model,
         [r["prompt"] for r in expanded],
@@ -196,23 +196,8 @@ def cmd_sample(args) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = []
-    for k, (r, img) in enumerate(zip(expanded, images, strict=True)):
-        name = f"{k:06d}.png"
-        save_image(img, out / name)
-        manifest.append(
-            {
-                "file": name,
-                "prompt": r["prompt"],
-                "spec": r["spec"],
-                "task": r["task"],
-                "split": r["split"],
-                "seed": seeds[k],
-                "model": model.model_id,
-                "steps": args.steps,
-                "guidance": args.guidance,
-            }
-        )
+    for m, img in zip(manifest, images, strict=True):
+        save_image(img, out / m["file"])
     write_prompts(manifest, out / MANIFEST)
     print(f"wrote {len(manifest)} images from {model.model_id} to {out}")
     return 0

@@ -36,6 +36,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--project", required=True, help="feedback project folder")
     p.add_argument("--out", default=None, help="checkpoint folder (default: PROJECT/reward)")
     p.add_argument("--no-aux", action="store_true", help="leave out the prompt-classification loss")
+    p.add_argument(
+        "--swap-words",
+        action="append",
+        default=[],
+        metavar="counts|colours|FILE",
+        help="free-text prompts without metadata 'negatives': make the auxiliary loss's negatives by "
+        "swapping counts (one .. ten), colours, or the words of a word-list file (one group of "
+        "interchangeable words a line); repeatable",
+    )
+    p.add_argument(
+        "--swap-limit", type=int, default=16, help="at most this many word-swapped negatives a prompt"
+    )
     p.add_argument("--lambda", dest="lam", type=float, default=0.5, help="weight of the auxiliary loss")
     p.add_argument("--temperature", type=float, default=2.0, help="T of the auxiliary softmax")
     p.add_argument("--no-pairs", action="store_true", help="ignore pairwise comparisons (Bradley-Terry)")
@@ -108,10 +120,29 @@ def _project(path: str):
     return FeedbackStore.open(path)
 
 
+def swap_groups(names: list[str]) -> tuple[tuple[str, ...], ...]:
+    """``--swap-words`` values -> word groups: ``counts``, ``colours`` (``colors``) or a word-list file."""
+    from t2ialign.reward.negatives import COLOUR_WORDS, COUNT_WORDS, read_word_groups
+
+    groups: list[tuple[str, ...]] = []
+    for name in names:
+        if name == "counts":
+            groups.append(COUNT_WORDS)
+        elif name in ("colours", "colors"):
+            groups.append(COLOUR_WORDS)
+        elif Path(name).is_file():
+            groups.extend(read_word_groups(name))
+        else:
+            raise ValueError(f"--swap-words {name!r}: not counts, colours, nor a word-list file")
+    return tuple(groups)
+
+
 def cmd_train(args) -> int:
     from t2ialign.reward.train import RewardTrainConfig, train_reward_model
 
     cfg = RewardTrainConfig(
+        swap_words=swap_groups(args.swap_words),
+        swap_limit=args.swap_limit,
         backbone=args.backbone,
         backbone_path=args.backbone_path,
         hidden=args.hidden,
@@ -155,6 +186,12 @@ def cmd_train(args) -> int:
         for s in ("train", "val")
         if s in m
     ]
+    if cfg.aux and d.get("good_without_negatives"):
+        print(
+            f"note: {d['good_without_negatives']} good labels have no negatives for the auxiliary loss "
+            "(free-text prompts: give 'negatives' in the prompt file's metadata, or --swap-words); "
+            "they train the other losses only"
+        )
     if rows:
         print_table(["split", "labels", "acc", "auc", "ece"], rows)
         print(f"threshold {m['threshold']:.3f} (chosen on {m['threshold_from']})")

@@ -82,10 +82,27 @@ def add_parsers(sub) -> None:
         sub,
         "eval",
         cmd_eval,
-        "score an image folder with ShapesEval (writes DIR/eval.json)",
-        "t2ialign eval --images samples/",
+        "score image folders: ShapesEval for prompts of the shapes world (writes DIR/eval.json), or, "
+        "for free-text prompts, a learned reward and a CLIP score per prompt group and the reward's "
+        "agreement with held-out human labels (a before/after report)",
+        "t2ialign eval --images samples/\n"
+        "  t2ialign eval --images before/ after/ --reward runs/reward --clip models/clip "
+        "--project proj --report report.md",
     )
-    p.add_argument("--images", required=True, help="image folder with manifest.jsonl")
+    p.add_argument("--images", required=True, nargs="+", help="image folder(s) with manifest.jsonl")
+    p.add_argument("--reward", default=None, help="a learned reward folder ('reward train'): its scores")
+    p.add_argument("--clip", default=None, help="a local CLIPModel folder: the CLIP score (cosine)")
+    p.add_argument(
+        "--project",
+        default=None,
+        help="a feedback project: the scores' agreement with its held-out human labels (prompts the "
+        "reward did not train on)",
+    )
+    p.add_argument("--by", default="group", help="the metadata key that groups prompts (default group)")
+    p.add_argument("--json", default=None, help="free text: write every figure to this JSON file")
+    p.add_argument("--report", default=None, help="free text: write the before/after report (Markdown)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def cmd_prompts(args) -> int:
@@ -109,7 +126,7 @@ def cmd_render(args) -> int:
         raise ValueError("--per-prompt must be at least 1")
     if args.size < 16:  # before any output: render() would fail only after the folder is made
         raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
-    rows = read_prompts(args.prompts)
+    rows = read_prompts(args.prompts, require_spec=True)  # rendering draws the spec
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
@@ -213,20 +230,105 @@ def cmd_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.reward or args.clip:
+        return _eval_free_text(args)
+    if args.project or args.json or args.report:
+        raise ValueError("--project, --json and --report go with --reward or --clip (free-text evaluation)")
     from t2ialign.world.imagefolder import evaluate_folder
 
-    s = evaluate_folder(args.images)
-    rows = [
-        [t, f"{v['accuracy']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", v["n"]]
-        for t, v in s["tasks"].items()
-    ]
-    rows += [
-        [f"split:{t}", f"{v['accuracy']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", v["n"]]
-        for t, v in s["splits"].items()
-    ]
-    print_table(["task", "accuracy", "95% CI", "n"], rows)
-    print(
-        f"overall {s['overall']:.3f} over {s['n']} images (task mean {s['task_mean']:.3f}); "
-        f"wrote {Path(args.images) / 'eval.json'}"
-    )
+    for folder in args.images:
+        s = evaluate_folder(folder)
+        rows = [
+            [t, f"{v['accuracy']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", v["n"]]
+            for t, v in s["tasks"].items()
+        ]
+        rows += [
+            [f"split:{t}", f"{v['accuracy']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", v["n"]]
+            for t, v in s["splits"].items()
+        ]
+        if len(args.images) > 1:
+            print(f"{folder}:")
+        print_table(["task", "accuracy", "95% CI", "n"], rows)
+        print(
+            f"overall {s['overall']:.3f} over {s['n']} images (task mean {s['task_mean']:.3f}); "
+            f"wrote {Path(folder) / 'eval.json'}"
+        )
     return 0
+
+
+def _eval_free_text(args) -> int:
+    import json
+
+    from t2ialign.cli.common import check_device
+    from t2ialign.evaluation.freetext import label_agreement, report_markdown, score_folder
+
+    check_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for folder in args.images:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--images {folder}: no such folder")
+    scorers, threshold, train_prompts = {}, {}, []
+    if args.reward:
+        from t2ialign.reward.model import load_reward_model
+        from t2ialign.reward.rewards import ModelReward
+
+        if not Path(args.reward).is_dir():
+            raise FileNotFoundError(f"--reward {args.reward}: no such folder")
+        model = load_reward_model(args.reward, device=args.device)
+        scorers["reward"] = ModelReward(model, name="reward")
+        threshold["reward"] = model.card.get("metrics", {}).get("threshold", 0.5)
+        train_prompts = model.card.get("split", {}).get("train_prompts", [])
+    if args.clip:
+        from t2ialign.reward.clip import CLIPBackbone
+        from t2ialign.reward.rewards import SimilarityReward
+
+        if not Path(args.clip).is_dir():
+            raise FileNotFoundError(f"--clip {args.clip}: no such folder")
+        scorers["clip"] = SimilarityReward(CLIPBackbone(args.clip, device=args.device), name="clip")
+    results = [score_folder(f, scorers, by=args.by, batch_size=args.batch_size) for f in args.images]
+    agreement = None
+    if args.project:
+        from t2ialign.feedback import FeedbackStore
+
+        agreement = label_agreement(
+            FeedbackStore.open(args.project), scorers, train_prompts, threshold, args.by, args.batch_size
+        )
+    names = [str(f) for f in args.images]
+    for name, res in zip(names, results, strict=True):
+        rows = [
+            [g, d["n"], *[_mean(d["scores"][s]) for s in scorers]]
+            for g, d in [*res["groups"].items(), ("all", {"n": res["n"], "scores": res["overall"]})]
+        ]
+        print(f"{name}: mean scores per {args.by}")
+        print_table([args.by, "images", *scorers], rows)
+    if agreement is not None:
+        print(f"agreement with held-out human labels ({agreement['held_out_prompts']} prompts)")
+        rows = []
+        for g, d in [*agreement["groups"].items(), ("all", agreement["overall"])]:
+            cells = [_num(d[s]["auc"]) for s in scorers]
+            cells += [_num(d[s]["accuracy"]) for s in scorers if "accuracy" in d[s]]
+            rows.append([g, d["n"], _num(d["positive_rate"]), *cells])
+        acc = [f"{s} acc" for s in scorers if s in threshold]
+        print_table([args.by, "labels", "good rate", *[f"{s} auc" for s in scorers], *acc], rows)
+    if args.json:
+        out = {"folders": results, "agreement": agreement, "scorers": list(scorers), "threshold": threshold}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(report_markdown(results, agreement, names))
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _mean(st: dict) -> str:
+    if st["mean"] is None:
+        return "-"
+    ci = st.get("ci95")
+    return f"{st['mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")

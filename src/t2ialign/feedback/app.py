@@ -1,13 +1,16 @@
 """The web labelling app (FastAPI): server-rendered pages, a little JavaScript, a JSON API.
 
 Pages: ``/login``, ``/label`` (the paper's protocol: a prompt and three images, each good / bad /
-skip), ``/pairs`` (two images of one prompt: left, right or tie), ``/stats`` (admin). Images are
-served from ``/images/<sha256>.png`` to logged-in users only.
+skip), ``/pairs`` (two images of one prompt: left, right or tie), ``/stats`` (admin). Any prompt
+text, and images of any size: small ones are scaled up pixel by pixel, large ones scaled down
+smoothly, the aspect ratio kept. Images are served from ``/images/<sha256>.png`` to logged-in users
+only.
 
 API (JSON; authenticate with the session cookie that ``/login`` sets, or ``Authorization: Bearer
 TOKEN``)::
 
-    GET  /api/next?mode=images|pairs   -> {"items": [{"id", "src"}], "prompt", "task", "progress"}
+    GET  /api/next?mode=images|pairs   -> {"items": [{"id", "src", "width", "height"}], "prompt", "task",
+                                           "progress"}   (task "" for a free-text prompt)
     POST /api/labels       {"generation_id": 12, "value": "good"|"bad"|"skip", "request_id": "..."}
                            -> {"id": label id, "duplicate": false}
     POST /api/comparisons  {"left": 12, "right": 13, "choice": "left"|"right"|"tie", "request_id": "..."}
@@ -357,7 +360,9 @@ def create_app(project: str | Path, max_body: int = MAX_BODY) -> FastAPI:
 
     def item(gid: int) -> dict:
         g = store.generation(gid)
-        return {"id": gid, "src": f"/images/{g['image_sha256']}.png"}
+        sha = g["image_sha256"]
+        w, h = store._conn().execute("SELECT width, height FROM images WHERE sha256 = ?", (sha,)).fetchone()
+        return {"id": gid, "src": f"/images/{sha}.png", "width": w, "height": h}
 
     def next_state(ann: dict, mode: str) -> dict:
         if mode == "images":
@@ -368,7 +373,8 @@ def create_app(project: str | Path, max_body: int = MAX_BODY) -> FastAPI:
         out = {"mode": mode, "items": [item(g) for g in ids], "progress": store.progress(ann["id"])}
         if ids:
             g = store.generation(ids[0])
-            out.update(prompt=g["prompt"], task=g["task"].replace("_", " "))
+            task = "" if g["task"] == "other" else g["task"].replace("_", " ")  # free text: no task
+            out.update(prompt=g["prompt"], task=task)
         else:
             out.update(prompt=None, task=None, done=True)
         return out

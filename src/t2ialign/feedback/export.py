@@ -78,6 +78,12 @@ def build_tables(store, simulated: bool | None = None) -> dict[str, pa.Table]:
             png_cache[sha] = store.image_path(sha).read_bytes()
         return png_cache[sha]
 
+    metadata = store.prompt_metadata()
+
+    def meta(prompt: str) -> str | None:
+        m = metadata.get(prompt)
+        return json.dumps(m, sort_keys=True) if m else None
+
     labels = store.label_rows(simulated=simulated, include_skip=False)
     label_cols = {
         "image": pa.array(
@@ -89,6 +95,7 @@ def build_tables(store, simulated: bool | None = None) -> dict[str, pa.Table]:
         "spec": pa.array([json.dumps(r["spec"]) if r["spec"] else None for r in labels], pa.string()),
         "task": pa.array([r["task"] for r in labels], pa.string()),
         "split": pa.array([r["split"] for r in labels], pa.string()),
+        "metadata": pa.array([meta(r["prompt"]) for r in labels], pa.string()),
         "model_id": pa.array([r["model_id"] for r in labels], pa.string()),
         "seed": pa.array([r["seed"] for r in labels], pa.int64()),
         "settings": pa.array([json.dumps(r["settings"], sort_keys=True) for r in labels], pa.string()),
@@ -121,6 +128,7 @@ def build_tables(store, simulated: bool | None = None) -> dict[str, pa.Table]:
         "spec": pa.array([json.dumps(r["spec"]) if r["spec"] else None for r in comps], pa.string()),
         "task": pa.array([r["task"] for r in comps], pa.string()),
         "split": pa.array([r["split"] for r in comps], pa.string()),
+        "metadata": pa.array([meta(r["prompt"]) for r in comps], pa.string()),
         "model_left": pa.array([r["left_model"] for r in comps], pa.string()),
         "model_right": pa.array([r["right_model"] for r in comps], pa.string()),
         "annotator": pa.array([r["annotator"] for r in comps], pa.string()),
@@ -237,9 +245,9 @@ size_categories:
 
 # Feedback on text-to-image generations: `{Path(store.path).resolve().name}`
 
-Per-image labels (good / bad) and pairwise comparisons of images generated for prompts of the
-t2ialign shapes world, collected as in Lee et al. 2023, *Aligning Text-to-Image Models using Human
-Feedback* (stage 1). Exported by t2ialign {__version__} on {now}; labels: **{which}**.
+Per-image labels (good / bad) and pairwise comparisons of generated images (prompts of the t2ialign
+shapes world, or free text), collected as in Lee et al. 2023, *Aligning Text-to-Image Models using
+Human Feedback* (stage 1). Exported by t2ialign {__version__} on {now}; labels: **{which}**.
 
 | | |
 |---|---|
@@ -251,15 +259,17 @@ Feedback* (stage 1). Exported by t2ialign {__version__} on {now}; labels: **{whi
 ## Configs and fields
 
 - `labels`: `image` (PNG), `image_sha256`, `generation_id`, `prompt`, `spec` (JSON: what the prompt
-  asks for), `task`, `split` (seen / unseen), `model_id`, `seed`, `settings` (JSON sampler settings),
+  asks for in the shapes world; empty for free text), `task`, `split` (seen / unseen; `other` for
+  free text), `metadata` (JSON: the prompt's metadata from its prompt file, e.g. `group`,
+  `negatives`; empty for none), `model_id`, `seed`, `settings` (JSON sampler settings),
   `label` (1 good, 0 bad), `annotator`, `simulated`, `label_id`, `created_at`. An image labelled by k
   annotators has k rows; skipped images are left out.
 - `pairs`: `image_left`, `image_right`, `generation_left`, `generation_right`, `choice` (left / right /
-  tie), `prompt`, `spec`, `task`, `split`, `model_left`, `model_right`, `annotator`, `simulated`,
+  tie), `prompt`, `spec`, `task`, `split`, `metadata`, `model_left`, `model_right`, `annotator`, `simulated`,
   `comparison_id`, `created_at`.
 - `pickapic`: the same comparisons in the Pick-a-Pic v1 schema (`caption`, `jpg_0`, `jpg_1`,
   `label_0`, `label_1`, `model_0`, `model_1`, `user_id`, `ranking_id`, `created_at`, ...). `jpg_*`
-  hold PNG bytes: JPEG would change the colours that decide correctness in this world.
+  hold PNG bytes (lossless: JPEG would change the colours that decide correctness in the shapes world).
 
 ```python
 import datasets

@@ -26,6 +26,9 @@ Tables (version 1):
 - ``comparisons``: pairwise verdicts left / right / tie, with the same rules.
 - ``assignments`` and ``pair_assignments``: which images (pairs) were shown to whom, with a lease;
   they implement "k different annotators per image, never the same image twice".
+
+Version 2 adds ``prompts.metadata``: the prompt's metadata from its prompt file (a JSON object:
+``group``, ``negatives``, anything else; NULL for none), for free-text prompts.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaError(ValueError):
@@ -146,8 +149,12 @@ def _v1(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE prompts ADD COLUMN metadata TEXT")
+
+
 # MIGRATIONS[v] upgrades version v - 1 to v.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2}
 
 
 def _backup(conn: sqlite3.Connection, db_path: Path, version: int) -> Path:

@@ -23,11 +23,14 @@ Public API (the CLI, the app and the reward model use these; everything else is 
 ``labelled_images`` yields good (``label`` 1) and bad (0) verdicts; skips are not yielded. An image
 labelled by k annotators yields k records (aggregate them as you like). ``simulated=None`` mixes
 human and simulated labels, ``False`` keeps humans only, ``True`` simulated raters only. ``spec`` is
-``None`` for prompts outside the world's grammar (possible only for imported work).
+``None`` for prompts outside the world's grammar (free text: task and split are then ``other``);
+``store.prompt_metadata()`` and ``generation(gid)["metadata"]`` give each prompt's metadata
+(``group``, ``negatives``, ... from its prompt file).
 
 Guarantees: every write is one transaction, committed (and fsynced) before the call returns, so a
 label that a call acknowledged survives a crash; nothing is ever deleted or overwritten (undo marks a
-label undone); many threads and processes may use one project at once.
+label undone; a prompt's metadata is replaced only when asked, ``replace_metadata``); many threads
+and processes may use one project at once.
 
 Labelling (annotators, labels, comparisons, assignment, undo, progress) is in ``labelling.py`` and
 reading labels and pairs in ``records.py``, both mixed into :class:`FeedbackStore`. Also public, for
@@ -251,21 +254,55 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
 
     # ----------------------------------------------------------------- prompts and images
 
-    def _prompt_id(self, c: sqlite3.Connection, prompt: str, spec=None, task=None, split=None) -> int:
-        row = c.execute("SELECT id FROM prompts WHERE prompt = ?", (prompt,)).fetchone()
+    def _prompt_id(
+        self,
+        c: sqlite3.Connection,
+        prompt: str,
+        spec=None,
+        task=None,
+        split=None,
+        metadata: dict | None = None,
+        replace_metadata: bool = False,
+    ) -> int:
+        meta = _metadata_json(prompt, metadata)
+        row = c.execute("SELECT id, metadata FROM prompts WHERE prompt = ?", (prompt,)).fetchone()
         if row:
+            if meta is not None and meta != row[1]:
+                if row[1] is not None and not replace_metadata:
+                    raise ValueError(
+                        f"the prompt {prompt!r} has other metadata in {self.path} ({row[1]}) than "
+                        f"given now ({meta}); replace it explicitly (generate --update-metadata) or "
+                        "give the same metadata"
+                    )
+                c.execute("UPDATE prompts SET metadata = ? WHERE id = ?", (meta, row[0]))
             return row[0]
         spec_d, task, split = describe_prompt(prompt, spec, task, split)
         cur = c.execute(
-            "INSERT INTO prompts (prompt, spec, task, split, created_at) VALUES (?, ?, ?, ?, ?)",
-            (prompt, json.dumps(spec_d) if spec_d is not None else None, task, split, now_iso()),
+            "INSERT INTO prompts (prompt, spec, task, split, created_at, metadata) VALUES (?, ?, ?, ?, ?, ?)",
+            (prompt, json.dumps(spec_d) if spec_d is not None else None, task, split, now_iso(), meta),
         )
         return cur.lastrowid
 
-    def add_prompt(self, prompt: str, spec: dict | None = None, task=None, split=None) -> int:
-        """The id of ``prompt``, adding it if new (spec, task and split derived when not given)."""
+    def add_prompt(
+        self,
+        prompt: str,
+        spec: dict | None = None,
+        task=None,
+        split=None,
+        metadata: dict | None = None,
+        replace_metadata: bool = False,
+    ) -> int:
+        """The id of ``prompt``, adding it if new (spec, task and split derived when not given).
+        ``metadata`` (a JSON object: ``group``, ``negatives``, ...) is stored with a new prompt, or
+        with a known one that has none; other metadata than the stored is an error unless
+        ``replace_metadata``."""
         with self._write() as c:
-            return self._prompt_id(c, prompt, spec, task, split)
+            return self._prompt_id(c, prompt, spec, task, split, metadata, replace_metadata)
+
+    def prompt_metadata(self) -> dict[str, dict]:
+        """Every prompt's metadata (an empty dict for none), by prompt text."""
+        rows = self._conn().execute("SELECT prompt, metadata FROM prompts").fetchall()
+        return {r[0]: json.loads(r[1]) if r[1] else {} for r in rows}
 
     def image_path(self, sha256: str) -> Path:
         return self.images_dir / sha256[:2] / f"{sha256}.png"
@@ -294,10 +331,11 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
         for d in dirs:
             _fsync_dir(d)
 
-    def add_generations(self, rows: list[dict]) -> list[tuple[int, bool]]:
+    def add_generations(self, rows: list[dict], replace_metadata: bool = False) -> list[tuple[int, bool]]:
         """Add many generations in one transaction; each row has ``image``, ``prompt``, ``model_id``,
-        ``seed`` and optionally ``settings``, ``spec``, ``task``, ``split``. Returns (id, created)
-        per row; a row whose (model id, prompt, seed, settings) exists returns the existing id."""
+        ``seed`` and optionally ``settings``, ``spec``, ``task``, ``split`` and ``metadata`` (the
+        prompt's, see :meth:`add_prompt`). Returns (id, created) per row; a row whose (model id,
+        prompt, seed, settings) exists returns the existing id."""
         pngs, prepared = {}, []
         for r in rows:
             for key in ("image", "prompt", "model_id", "seed"):
@@ -312,7 +350,15 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
         out = []
         with self._write() as c:
             for r, sha, w, h, settings in prepared:
-                pid = self._prompt_id(c, r["prompt"], r.get("spec"), r.get("task"), r.get("split"))
+                pid = self._prompt_id(
+                    c,
+                    r["prompt"],
+                    r.get("spec"),
+                    r.get("task"),
+                    r.get("split"),
+                    r.get("metadata"),
+                    replace_metadata,
+                )
                 c.execute(
                     "INSERT OR IGNORE INTO images (sha256, width, height, created_at) VALUES (?, ?, ?, ?)",
                     (sha, w, h, now_iso()),
@@ -353,7 +399,8 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
 
     _GEN_SQL = (
         "SELECT g.id, g.image_sha256, g.model_id, g.seed, g.settings, g.created_at, g.prompt_id, "
-        "p.prompt, p.spec, p.task, p.split FROM generations g JOIN prompts p ON p.id = g.prompt_id"
+        "p.prompt, p.spec, p.task, p.split, p.metadata "
+        "FROM generations g JOIN prompts p ON p.id = g.prompt_id"
     )
 
     @staticmethod
@@ -370,6 +417,7 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
             "spec": json.loads(row["spec"]) if row["spec"] else None,
             "task": row["task"],
             "split": row["split"],
+            "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
         }
 
     def generation(self, generation_id: int) -> dict:
@@ -408,6 +456,24 @@ class FeedbackStore(LabellingMixin, RecordsMixin):
 def _check_k(k) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
         raise ValueError(f"labels per image must be an integer from 1 to 100, got {k!r}")
+
+
+def _metadata_json(prompt: str, metadata) -> str | None:
+    """Canonical JSON of a prompt's metadata (None for none); malformed metadata is an error."""
+    if metadata is None or metadata == {}:
+        return None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"the metadata of {prompt!r} must be a JSON object, got {type(metadata).__name__}")
+    from t2ialign.prompts import RESERVED, check_metadata
+
+    clash = [k for k in metadata if k in RESERVED]
+    if clash:
+        raise ValueError(f"the metadata of {prompt!r} may not hold {', '.join(clash)} (they are columns)")
+    check_metadata(metadata, prompt)
+    try:
+        return json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the metadata of {prompt!r} is not JSON ({e})") from None
 
 
 def describe_prompt(prompt: str, spec=None, task=None, split=None) -> tuple[dict | None, str, str]:

@@ -17,6 +17,7 @@ Needs the ``hf`` extra: ``pip install 't2ialign[hf]'``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,6 +77,7 @@ class CLIPBackbone(nn.Module):
         cfg = self.model.config
         self.embed_dim = int(cfg.projection_dim)
         self.max_length = int(cfg.text_config.max_position_embeddings)
+        self._checked: set[str] = set()  # prompts whose length was checked
         pre = {}
         if (self.path / "preprocessor_config.json").is_file():
             try:
@@ -124,12 +126,28 @@ class CLIPBackbone(nn.Module):
         )
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Unit-norm text embeddings (B, projection_dim)."""
+        """Unit-norm text embeddings (B, projection_dim). A prompt longer than CLIP's
+        ``max_length`` tokens is truncated to its first tokens, with a warning (once per prompt)."""
+        self._warn_truncated(prompts)
         enc = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         return F.normalize(_features(self.model.get_text_features(**enc)), dim=-1)
+
+    def _warn_truncated(self, prompts) -> None:
+        new = [p for p in dict.fromkeys(prompts) if p not in self._checked]
+        if not new:
+            return
+        ids = self.tokenizer(new, truncation=False, verbose=False)["input_ids"]
+        for p, t in zip(new, ids, strict=True):
+            self._checked.add(p)
+            if len(t) > self.max_length:
+                warnings.warn(
+                    f"CLIP ({self.path.name}) reads at most {self.max_length} tokens; this prompt has "
+                    f"{len(t)} and is truncated: {p!r:.120}",
+                    stacklevel=3,
+                )
 
     def reference(self) -> dict:
         return {

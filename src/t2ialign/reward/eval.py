@@ -159,7 +159,7 @@ def score_project(
         chunk = gens[i : i + batch_size]
         imgs = np.stack([store.load_image_file(g["image_sha256"]) for g in chunk])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
-        meta = [{"spec": g["spec"]} if g["spec"] else {} for g in chunk]
+        meta = [{**g.get("metadata", {}), **({"spec": g["spec"]} if g["spec"] else {})} for g in chunk]
         with torch.no_grad():
             r, _ = reward_fn(x, [g["prompt"] for g in chunk], meta)
         scores.append(r.detach().float().cpu().numpy())

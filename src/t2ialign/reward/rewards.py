@@ -16,8 +16,13 @@ Rewards here:
 - :class:`ModelReward`: a trained reward model (``t2ialign.reward.model``); differentiable w.r.t.
   the pixels, as ReFL and DRaFT need;
 - :class:`SimilarityReward`: the frozen encoder's zero-shot cosine similarity (the baseline);
-  differentiable;
-- :func:`checker_reward`: the ShapesEval checker, 1.0 for a correct image, 0.0 otherwise;
+  differentiable; on a :class:`~t2ialign.reward.clip.CLIPBackbone` it is the CLIP score (the cosine
+  of CLIP's image and text embeddings, in [-1, 1]; CLIPScore papers report ``100 * max(cos, 0)``),
+  and with ``scale`` the CLIP model's ``logit_scale.exp()`` it is PickScore (Kirstain et al. 2023:
+  the same computation on the PickScore_v1 weights and their processor's preprocessing);
+- :func:`checker_reward`: the ShapesEval checker, 1.0 for a correct image, 0.0 otherwise (it, and
+  the two rule rewards below, need prompts of the shapes world's grammar; free text is an error that
+  says so);
 - :func:`counting_reward`: Flow-GRPO's GenEval counting reward ``1 - |N_gen - N_ref| / N_ref``
   (clamped at 0), per object group of the prompt, averaged over the groups;
 - :func:`partial_credit_reward`: the fraction of the checker's attribute checks that pass;
@@ -36,7 +41,7 @@ import torch
 from torch import nn
 
 from t2ialign.world.checker import check, detect
-from t2ialign.world.grammar import parse
+from t2ialign.world.grammar import PromptError, parse
 from t2ialign.world.spec import Spec
 
 RewardFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -54,11 +59,19 @@ def _check_inputs(images: torch.Tensor, prompts: Sequence[str], metadata) -> Non
         raise ValueError(f"{images.shape[0]} images but {len(metadata)} metadata entries")
 
 
-def _spec(prompt: str, meta: dict | None) -> Spec:
+def _spec(prompt: str, meta: dict | None, what: str = "the checker reward") -> Spec:
     if meta and meta.get("spec") is not None:
         s = meta["spec"]
         return s if isinstance(s, Spec) else Spec.from_dict(s)
-    return parse(prompt)
+    try:
+        return parse(prompt)
+    except PromptError:
+        from t2ialign.prompts import needs_spec_error
+
+        err = needs_spec_error(f"{what} (ShapesEval)", prompt)
+        raise ValueError(
+            f"{err}; for free text use a learned reward (a reward folder) or a CLIP score"
+        ) from None
 
 
 def _out(values, images: torch.Tensor) -> torch.Tensor:
@@ -108,17 +121,19 @@ class ModelReward(nn.Module):
 
 
 class SimilarityReward(nn.Module):
-    """Zero-shot cosine similarity of a frozen backbone's image and text embeddings (in [-1, 1]);
-    differentiable w.r.t. the pixels. ``backbone``: an EncoderBackbone, a CLIPBackbone, or None for
-    the shipped encoder."""
+    """Zero-shot cosine similarity of a frozen backbone's image and text embeddings (in [-1, 1]),
+    times ``scale``; differentiable w.r.t. the pixels. ``backbone``: an EncoderBackbone, a
+    CLIPBackbone, or None for the shipped encoder."""
 
-    def __init__(self, backbone: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module | None = None, name: str = "similarity", scale: float = 1.0):
         super().__init__()
+        self.scale = float(scale)
         if backbone is None:
             from t2ialign.reward.model import EncoderBackbone
 
             backbone = EncoderBackbone()
         self.backbone = backbone.eval().requires_grad_(False)
+        self.name = name
         self._txt: dict[str, torch.Tensor] = {}
 
     def forward(
@@ -131,7 +146,7 @@ class SimilarityReward(nn.Module):
                 self._txt.update(zip(new, self.backbone.encode_text(new), strict=True))
         img = self.backbone.encode_image(images)
         txt = torch.stack([self._txt[p] for p in prompts]).to(img.device)
-        return (img * txt).sum(-1).float().to(images.device), {"reward": "similarity"}
+        return self.scale * (img * txt).sum(-1).float().to(images.device), {"reward": self.name}
 
 
 def checker_reward(images: torch.Tensor, prompts: Sequence[str], metadata=None) -> tuple[torch.Tensor, dict]:
@@ -155,7 +170,7 @@ def partial_credit_reward(
     _check_inputs(images, prompts, metadata)
     values, checks = [], []
     for i, p in enumerate(prompts):
-        res = check(images[i], _spec(p, metadata[i] if metadata else None))
+        res = check(images[i], _spec(p, metadata[i] if metadata else None, "the partial-credit reward"))
         values.append(sum(res.ok.values()) / len(res.ok))
         checks.append(dict(res.ok))
     return _out(values, images), {"reward": "partial_credit", "checks": checks}
@@ -168,7 +183,7 @@ def counting_reward(images: torch.Tensor, prompts: Sequence[str], metadata=None)
     _check_inputs(images, prompts, metadata)
     values, counts = [], []
     for i, p in enumerate(prompts):
-        spec = _spec(p, metadata[i] if metadata else None)
+        spec = _spec(p, metadata[i] if metadata else None, "the counting reward")
         found = detect(images[i]).objects
         per_group, got = [], []
         for g in spec.objects:

@@ -3,10 +3,13 @@
 Data (from :class:`t2ialign.feedback.FeedbackStore`):
 
 - every active good/bad label is one MSE example ``(image, prompt, y)``;
-- every label *good* of an image whose prompt the world's grammar reads is one example of the
-  auxiliary prompt-classification loss: the candidates are the true prompt and every prompt that
-  differs from it in exactly one attribute (``world.suites.perturbations``), all in canonical
-  phrasing (``to_prompt``); the reward must rank the true one first;
+- every label *good* is one example of the auxiliary prompt-classification loss when its prompt has
+  negatives: the candidates are the true prompt and prompts the image does not show, and the reward
+  must rank the true one first. They come from the prompt's metadata ``negatives`` when given; else,
+  for a prompt the world's grammar reads, every prompt that differs from it in exactly one attribute
+  (``world.suites.perturbations``, all in canonical phrasing, ``to_prompt``); else from word swaps
+  among ``swap_words`` (see :mod:`t2ialign.reward.negatives`). Good labels with no negatives are
+  counted (``good_without_negatives``) and train the other losses only;
 - every active pairwise comparison is one Bradley-Terry example (ties with target 0.5 / 0.5).
 
 The backbone is frozen, so the image and text embeddings are computed once (per image and per
@@ -46,6 +49,7 @@ from t2ialign.reward.losses import (
     total_loss,
 )
 from t2ialign.reward.model import EncoderBackbone, RewardModel, build_reward_model, save_reward_model
+from t2ialign.reward.negatives import DEFAULT_SWAP_LIMIT, check_word_groups, free_text_candidates
 from t2ialign.world.grammar import to_prompt
 from t2ialign.world.spec import Spec
 from t2ialign.world.suites import perturbations
@@ -66,6 +70,8 @@ class RewardTrainConfig:
     features: str = "concat"  # MLP input: 'concat' [img, txt, img * txt] or 'product' img * txt
     early_stop: str = "brier"  # validation criterion: 'brier' (MSE of the clamped score) or 'total'
     aux: bool = True  # use the auxiliary prompt-classification loss (off: the ablation)
+    swap_words: tuple = ()  # free text: groups of interchangeable words whose swaps are negatives
+    swap_limit: int = DEFAULT_SWAP_LIMIT  # at most this many word-swapped negatives per prompt
     lam: float = DEFAULT_LAMBDA  # lambda, the weight of the auxiliary loss (0.5 published)
     temperature: float = DEFAULT_TEMPERATURE  # T of the auxiliary softmax (2 published)
     pairs: bool = True  # use the project's pairwise comparisons (Bradley-Terry) when it has any
@@ -90,7 +96,8 @@ class RewardTrainConfig:
             raise ValueError("a CLIP backbone needs backbone_path, a local folder holding the CLIP model")
         if self.labels not in LABEL_SETS:
             raise ValueError(f"labels must be one of {', '.join(LABEL_SETS)}, got {self.labels!r}")
-        for name in ("hidden", "batch_size", "max_epochs", "patience", "embed_batch_size"):
+        self.swap_words = check_word_groups(self.swap_words)
+        for name in ("hidden", "batch_size", "max_epochs", "patience", "embed_batch_size", "swap_limit"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -115,6 +122,16 @@ def candidate_prompts(spec: dict | Spec) -> list[str]:
     the canonical prompt of every spec that differs from it in exactly one attribute."""
     s = spec if isinstance(spec, Spec) else Spec.from_dict(spec)
     return [to_prompt(s)] + [to_prompt(p) for _, p in perturbations(s)]
+
+
+def aux_candidates(prompt: str, spec, metadata: dict | None, cfg: RewardTrainConfig):
+    """(candidates with the true prompt first, or None; where they came from): the metadata's
+    ``negatives``, else the spec's one-attribute perturbations, else word swaps (module docstring)."""
+    if (metadata or {}).get("negatives"):
+        return free_text_candidates(prompt, metadata, (), cfg.swap_limit), "negatives"
+    if spec is not None:
+        return candidate_prompts(spec), "spec"
+    return free_text_candidates(prompt, None, cfg.swap_words, cfg.swap_limit), "word_swaps"
 
 
 def split_prompts(prompts, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -247,18 +264,25 @@ def build_data(store, cfg: RewardTrainConfig, backbone, progress: bool = False) 
 
     label_img, label_txt, label_y, label_val = [], [], [], []
     aux_img, aux_rows, aux_val, aux_label = [], [], [], []
-    no_spec = 0
+    no_spec, no_negatives, sources = 0, 0, {"negatives": 0, "spec": 0, "word_swaps": 0}
+    metadata = store.prompt_metadata() if cfg.aux else {}
+    cands_of: dict[str, tuple[list[str] | None, str]] = {}
     for li, r in enumerate(recs):
         label_img.append(g_row[r.generation_id])
         label_txt.append(t_row(r.prompt))
         label_y.append(float(r.label))
         label_val.append(r.prompt in val_set)
         if cfg.aux and r.label == 1:
-            if r.spec is None:
-                no_spec += 1
+            if r.prompt not in cands_of:
+                cands_of[r.prompt] = aux_candidates(r.prompt, r.spec, metadata.get(r.prompt), cfg)
+            cands, source = cands_of[r.prompt]
+            no_spec += r.spec is None
+            if cands is None:
+                no_negatives += 1
                 continue
+            sources[source] += 1
             aux_img.append(g_row[r.generation_id])
-            aux_rows.append([t_row(p) for p in candidate_prompts(r.spec)])
+            aux_rows.append([t_row(p) for p in cands])
             aux_val.append(r.prompt in val_set)
             aux_label.append(li)
     n_cand = max((len(c) for c in aux_rows), default=1)
@@ -304,6 +328,8 @@ def build_data(store, cfg: RewardTrainConfig, backbone, progress: bool = False) 
         "aux_examples": len(aux_rows),
         "aux_candidates_mean": float(np.mean([len(c) for c in aux_rows])) if aux_rows else 0.0,
         "good_without_spec": no_spec,
+        "good_without_negatives": no_negatives,
+        "aux_sources": sources,
         "pairs": len(pairs),
         "pair_ties": int(sum(ptie)),
         "texts": len(text_list),

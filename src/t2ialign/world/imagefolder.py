@@ -6,8 +6,10 @@ A folder holds PNG images and ``manifest.jsonl``, one JSON object a line::
      "split": "seen", "seed": 0}
 
 ``file`` is relative to the folder; ``prompt`` is required, the rest is derived from it when missing
-(``spec`` by parsing, ``task`` from the spec). Any model's images, ours or another's, are scored by
-writing such a folder and running ``t2ialign eval --images DIR``.
+(``spec`` by parsing, ``task`` from the spec) where the world's grammar reads the prompt. Other keys
+are the prompt's metadata (``group``, ...). Any model's images, ours or another's, are scored by
+writing such a folder and running ``t2ialign eval --images DIR`` (ShapesEval: prompts of the
+grammar only; free-text prompts are scored by a reward or CLIP, ``t2ialign.evaluation.freetext``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from t2ialign.prompts import PromptFileError, metadata_of, read_jsonl_rows, read_prompt_file
 from t2ialign.world.checker import check
-from t2ialign.world.grammar import PromptError, parse
-from t2ialign.world.spec import Spec, SpecError
+from t2ialign.world.spec import Spec
 
 MANIFEST = "manifest.jsonl"
 
 
-class ManifestError(ValueError):
-    """A manifest or image that cannot be read; the message names the file and line."""
+ManifestError = PromptFileError  # a manifest or image that cannot be read; names the file and line
 
 
 def write_prompts(rows: list[dict], path: str | Path) -> None:
@@ -38,45 +39,33 @@ def write_prompts(rows: list[dict], path: str | Path) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    """Read a prompts JSONL file (``prompt`` required; ``spec``, ``task``, ``split`` filled in)."""
-    return _read_jsonl(Path(path), require=("prompt",))
+def read_prompts(path: str | Path, require_spec: bool = False) -> list[dict]:
+    """Read a prompt file: JSON lines with ``prompt`` (and any metadata) or plain text, one prompt a
+    line (see :mod:`t2ialign.prompts`). ``spec``, ``task`` and ``split`` are filled in where the
+    world's grammar reads the prompt, else None; ``require_spec`` makes that an error."""
+    return read_prompt_file(path, require_spec=require_spec).rows
 
 
-def _read_jsonl(path: Path, require: tuple[str, ...]) -> list[dict]:
-    if not path.exists():
-        raise ManifestError(f"{path}: no such file")
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in require if k not in row]
-            if missing:
-                raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            try:
-                spec = Spec.from_dict(row["spec"]) if "spec" in row else parse(row["prompt"])
-            except (PromptError, SpecError) as e:
-                raise ManifestError(f"{path}:{lineno}: {e}") from None
-            row["spec"] = spec.to_dict()
-            row.setdefault("task", spec.task)
-            if "split" not in row:
-                from t2ialign.world.suites import split_of
-
-                row["split"] = split_of(spec)
-            rows.append(row)
-    return rows
+def read_manifest(folder: str | Path, require_spec: bool = False) -> list[dict]:
+    """Read ``folder/manifest.jsonl`` (``file`` and ``prompt`` required; prompts may be free text
+    unless ``require_spec``); errors name the file and the line."""
+    return read_jsonl_rows(Path(folder) / MANIFEST, ("file", "prompt"), require_spec=require_spec).rows
 
 
-def read_manifest(folder: str | Path) -> list[dict]:
-    """Read ``folder/manifest.jsonl``; errors name the file and the line."""
-    return _read_jsonl(Path(folder) / MANIFEST, require=("file", "prompt"))
+def manifest_row(file: str, row: dict, **extra) -> dict:
+    """The manifest entry of an image of prompt row ``row``: ``file``, the prompt, its spec, task and
+    split (None for free text), its metadata, then ``extra`` (seed, model, sampler settings). A
+    metadata key that the manifest writes itself is an error."""
+    meta = metadata_of(row)
+    clash = sorted(k for k in meta if k == "file" or k in extra)
+    if clash:
+        raise ValueError(
+            f"the metadata of {row['prompt']!r} holds {', '.join(clash)}, which the image folder's "
+            "manifest writes itself: rename that key in the prompt file"
+        )
+    out = {"file": file, "prompt": row["prompt"]}
+    out.update({k: row.get(k) for k in ("spec", "task", "split")})
+    return {**out, **meta, **extra}
 
 
 def save_image(image: np.ndarray, path: str | Path) -> None:
@@ -141,7 +130,13 @@ def summarize(rows: list[dict]) -> dict:
 def evaluate_folder(folder: str | Path, write: bool = True) -> dict:
     """Score every image in an image folder; writes ``folder/eval.json`` when ``write``."""
     folder = Path(folder)
-    rows = read_manifest(folder)
+    try:
+        rows = read_manifest(folder, require_spec=True)
+    except PromptFileError as e:
+        raise PromptFileError(
+            f"{e} (ShapesEval checks prompts of the shapes world's grammar; score free-text prompts "
+            "with 't2ialign eval --images DIR --reward REWARD_DIR' or '--clip CLIP_DIR')"
+        ) from None
     scored = []
     for r in rows:
         img = load_image(folder / r["file"])

@@ -107,12 +107,17 @@
     $("question").hidden = empty;
     if ($("choices")) $("choices").hidden = empty;
     $("prompt").textContent = empty ? "" : `“${state.prompt}”`;
+    $("prompt").classList.toggle("long", !empty && state.prompt.length > 80);
     $("task").textContent = empty ? "" : state.task;
     state.items.forEach((it, i) => {
       const node = tpl.content.firstElementChild.cloneNode(true);
       node.dataset.id = it.id;
       const img = node.querySelector("img");
       img.src = it.src;
+      // small images (the shapes world's 32 px) scale up pixel by pixel, large ones smoothly
+      const box = Number(img.getAttribute("width"));
+      img.classList.toggle("px", it.width < box && it.height < box);
+      img.title = `${it.width} x ${it.height} px`;
       if (mode === "images") {
         node.querySelector(".num").textContent = String(i + 1);
         img.alt = `image ${i + 1}`;
