@@ -1,6 +1,7 @@
 """A real browser (headless Chromium, Debian's package, driven by Playwright) logs in, labels images
 with the keyboard, undoes one, switches to pairwise mode, compares two pairs; the database must hold
-exactly what was typed. Skips only when /usr/bin/chromium is absent (.ci/run installs it)."""
+exactly what was typed. A second test labels a project of free-text prompts and SD-sized images
+(512x512, 512x384) with the mouse. Skips only when /usr/bin/chromium is absent (.ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from feedback_helpers import make_project, running_server
+from t2ialign.feedback import FeedbackStore
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -40,6 +43,16 @@ def wait_for(pred, timeout=10.0):
     raise AssertionError("timed out waiting for the database")
 
 
+def launch(p, tmp_path):
+    return p.chromium.launch_persistent_context(
+        str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
+        executable_path=CHROMIUM,
+        headless=True,
+        args=ARGS,
+        viewport={"width": 1280, "height": 900},
+    )
+
+
 def test_browser_labels_with_the_keyboard_undo_and_pairs(tmp_path):
     from playwright import sync_api  # the test extra: a missing Playwright fails, it does not skip
 
@@ -51,13 +64,7 @@ def test_browser_labels_with_the_keyboard_undo_and_pairs(tmp_path):
         running_server(tmp_path / "proj", tmp_path / "server.log") as server,
         sync_api.sync_playwright() as p,
     ):
-        ctx = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
-            executable_path=CHROMIUM,
-            headless=True,
-            args=ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
+        ctx = launch(p, tmp_path)
         try:
             page = ctx.new_page()
             page.on("pageerror", lambda e: errors.append(str(e)))
@@ -116,4 +123,95 @@ def test_browser_labels_with_the_keyboard_undo_and_pairs(tmp_path):
     comps = store.comparison_rows(annotator="alice")
     assert [(c["left_id"], c["right_id"], c["choice"]) for c in comps] == [(*pair1, "left"), (*pair2, "tie")]
     assert Path(tmp_path / "label.png").stat().st_size > 10_000
+    store.close()
+
+
+def gradient(height: int, width: int, colour: tuple[int, int, int]) -> np.ndarray:
+    """A smooth image (small PNGs, quick to write) of one colour fading across."""
+    ramp = np.linspace(0.2, 1.0, width)[None, :, None] * np.linspace(1.0, 0.6, height)[:, None, None]
+    return (ramp * np.array(colour)).astype(np.uint8)
+
+
+SHOWN = """() => [...document.querySelectorAll('#cards .card img')].map(i => ({
+    id: +i.closest('.card').dataset.id, w: i.naturalWidth, h: i.naturalHeight, title: i.title,
+    box: [i.getBoundingClientRect().width, i.getBoundingClientRect().height],
+    px: i.classList.contains('px'), rendering: getComputedStyle(i).imageRendering,
+    fit: getComputedStyle(i).objectFit}))"""
+LOADED = (
+    "() => [...document.querySelectorAll('#cards .card img')].every(i => i.complete && i.naturalWidth > 0)"
+)
+
+
+def test_browser_labels_free_text_prompts_and_512px_images(tmp_path):
+    """Free-text prompts (a short one and one over 80 characters, with HTML in it) and SD 1.5's
+    512 px images, square and 4:3: the page shows each prompt as written and each image at its
+    size (scaled down smoothly into the card, not pixelated); clicks on Good and Bad label them."""
+    from playwright import sync_api
+
+    short = "a photo of a cat wearing a red hat"
+    long = (
+        "an oil painting of a lighthouse on a cliff at dusk, waves crashing on the rocks below, "
+        "gulls in a stormy sky & warm <b>light</b> in its windows"
+    )
+    store = FeedbackStore.create(tmp_path / "proj", labels_per_image=1)
+    gids = {}
+    for prompt, colour in ((short, (220, 40, 40)), (long, (40, 90, 220))):
+        for seed, (h, w) in enumerate([(512, 512), (384, 512)]):
+            gid, _ = store.add_generation(gradient(h, w, colour), prompt, model_id="sd15", seed=seed)
+            gids[prompt, (w, h)] = gid
+    token = store.add_annotator("alice")
+    errors: list[str] = []
+    with (
+        running_server(tmp_path / "proj", tmp_path / "server.log") as server,
+        sync_api.sync_playwright() as p,
+    ):
+        ctx = launch(p, tmp_path)
+        try:
+            page = ctx.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/login")
+            page.fill("#token", token)
+            page.keyboard.press("Enter")
+            page.wait_for_url("**/label")
+            screens = []
+            for prompt, clicks in ((short, ("good", "bad")), (long, ("bad", "good"))):
+                page.wait_for_function(
+                    "(p) => document.querySelector('#prompt').textContent === p", arg=f"“{prompt}”"
+                )
+                page.wait_for_function(LOADED)
+                screens.append(
+                    dict(
+                        prompt=page.text_content("#prompt"),
+                        long=page.get_attribute("#prompt", "class"),
+                        shown=page.evaluate(SHOWN),
+                    )
+                )
+                cards = page.locator("#cards .card")
+                for i, value in enumerate(clicks):
+                    before = len(store.label_rows(annotator="alice"))
+                    cards.nth(i).locator(f"button.{value}").click()
+                    wait_for(lambda n=before: len(store.label_rows(annotator="alice")) == n + 1)
+                if prompt == short:
+                    page.screenshot(path=str(tmp_path / "free-text.png"))
+            page.wait_for_selector("#done:not([hidden])")  # nothing left for her
+        finally:
+            ctx.close()
+    assert not errors, errors
+
+    for screen, prompt in zip(screens, (short, long), strict=True):
+        assert screen["prompt"] == f"“{prompt}”"  # the text as written: the <b> is not markup
+        assert ("long" in screen["long"].split()) == (len(prompt) > 80)
+        shown = screen["shown"]
+        assert sorted((s["w"], s["h"]) for s in shown) == [(512, 384), (512, 512)]
+        for s in shown:
+            assert s["id"] == gids[prompt, (s["w"], s["h"])]
+            assert s["title"] == f"{s['w']} x {s['h']} px"
+            assert s["box"] == [256, 256] and not s["px"] and s["rendering"] == "auto"  # scaled down smoothly
+            assert s["fit"] == "contain"  # the aspect ratio kept: 512x384 is letterboxed, not stretched
+    by_id = {r["generation_id"]: r["value"] for r in store.label_rows(annotator="alice")}
+    first, second = ([s["id"] for s in screen["shown"]] for screen in screens)
+    assert by_id == {first[0]: "good", first[1]: "bad", second[0]: "bad", second[1]: "good"}
+    assert {store.generation(g)["prompt"] for g in by_id} == {short, long}
+    assert all(r["source"] == "app" for r in store.label_rows(annotator="alice"))
+    assert Path(tmp_path / "free-text.png").stat().st_size > 10_000
     store.close()

@@ -295,7 +295,11 @@ def create_app(project: str | Path, max_body: int = MAX_BODY) -> FastAPI:
     def login_page(request: Request):
         return page("login.html", error=None)
 
-    @app.post("/login")
+    # the form body is read by hand (no python-multipart); documented here for the schema only
+    login_form = {"type": "object", "properties": {"token": {"type": "string"}}, "required": ["token"]}
+    login_body = {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": login_form}}}
+
+    @app.post("/login", openapi_extra={"requestBody": login_body})
     async def login(request: Request):
         body = (await request.body()).decode("utf-8", errors="replace")
         token = (urllib.parse.parse_qs(body).get("token") or [""])[0].strip()
