@@ -107,6 +107,38 @@ def clip_config(hidden: int = 32, projection: int = 32):
     )
 
 
+def save_tiny_clip(folder: Path, tokenizer, max_positions: int = 16, projection: int = 16) -> Path:
+    """A tiny random ``CLIPModel`` (16 px images, 16-d layers) saved with ``tokenizer`` in ``folder``."""
+    import transformers
+
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=max_positions,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        projection_dim=projection,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def t5_encoder(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
 

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from diffusers_helpers import clip_tokenizer  # noqa: E402
+from diffusers_helpers import clip_tokenizer, save_tiny_clip  # noqa: E402
 from feedback_helpers import ApiClient, running_server  # noqa: E402
 from t2ialign.cli.main import main  # noqa: E402
 from t2ialign.feedback import FeedbackStore  # noqa: E402
@@ -41,32 +41,7 @@ def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel (16 px images, 16-d projections) with the pipelines' word tokenizer."""
     folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
     tok = clip_tokenizer(folder)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            image_size=16,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(folder, tok)
 
 
 def cli(capsys, *args) -> str:

@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from diffusers_helpers import save_tiny_clip  # noqa: E402
 from t2ialign.models.generator import CheckpointError  # noqa: E402
 from t2ialign.reward.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPBackbone  # noqa: E402
 from t2ialign.reward.model import build_reward_model, load_reward_model, save_reward_model  # noqa: E402
@@ -31,32 +32,7 @@ def clip_dir(tmp_path_factory):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=48,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            image_size=16,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(folder, tokenizer, max_positions=48, projection=8)
 
 
 @pytest.fixture(scope="module")

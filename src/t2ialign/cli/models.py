@@ -8,6 +8,16 @@ from t2ialign.cli.common import add_command, add_model_args, check_device
 from t2ialign.cli.inputs import add_long_prompts_arg
 
 
+def add_captions_arg(p) -> None:
+    p.add_argument(
+        "--captions",
+        default="web",
+        choices=["web", "exact"],
+        help="caption noise of the pre-training stream: web (alt-text that miscounts and misnames, "
+        "the default) or exact (the true prompts); see 't2ialign world captions'",
+    )
+
+
 def add_parsers(sub) -> None:
     p = add_command(
         sub,
@@ -30,13 +40,7 @@ def add_parsers(sub) -> None:
         "(multiples of --checkpoint-every), for a curve of quality against steps",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--captions",
-        default="web",
-        choices=["web", "exact"],
-        help="caption noise of the pre-training stream: web (alt-text that miscounts and misnames, "
-        "the default) or exact (the true prompts); see 't2ialign world captions'",
-    )
+    add_captions_arg(p)
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
 
     p = add_command(
@@ -59,13 +63,7 @@ def add_parsers(sub) -> None:
         help="held-out renders for the zero-shot retrieval report (0: skip)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--captions",
-        default="web",
-        choices=["web", "exact"],
-        help="caption noise of the pre-training stream: web (alt-text that miscounts and misnames, "
-        "the default) or exact (the true prompts); see 't2ialign world captions'",
-    )
+    add_captions_arg(p)
     p.add_argument(
         "--degrade",
         type=float,
