@@ -57,7 +57,7 @@ def dpo_loss(
 
 @dataclass
 class PairSamples:
-    """Preference pairs: winner and loser images in [0, 1] (N, 3, H, W), one prompt per pair. Ties
+    """Preference pairs: winner and loser images in [0, 1] (N, C, H, W), one prompt per pair. Ties
     carry no preference and must be left out by the caller."""
 
     winners: torch.Tensor
@@ -69,7 +69,7 @@ class PairSamples:
         if self.winners.dim() != 4 or self.winners.shape != self.losers.shape:
             raise ValueError(
                 f"winners {tuple(self.winners.shape)} and losers {tuple(self.losers.shape)} must be "
-                "two (N, 3, H, W) tensors of the same shape"
+                "two (N, C, H, W) tensors of the same shape"
             )
         if len(self.prompts) != n:
             raise ValueError(f"{n} pairs but {len(self.prompts)} prompts")

@@ -64,10 +64,11 @@ class Backend(Protocol):
         log-probability under the step's Gaussian (no noise drawn)."""
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] (B, 3, H, W), differentiable."""
+        """Latents -> images in [0, 1] (B, C, H, W), differentiable (C = 3 for image models; the 2-D
+        gym's "images" are (B, 2, 1, 1)). Trainers pass them to the reward and assume no more."""
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W) -> latents x0."""
+        """Images in [0, 1] (B, C, H, W), as ``decode`` returns them -> latents x0."""
 
     def denoiser(self) -> nn.Module:
         """The trainable network (LoRA-wrapped after ``enable_lora``)."""

@@ -45,7 +45,7 @@ def _optional_modules():
     """The CLI modules of later pipeline stages (imported lazily: they pull in torch)."""
     import importlib
 
-    names = ["models", "feedback", "reward", "finetune"]
+    names = ["models", "feedback", "reward", "finetune", "gym"]
     mods = []
     for n in names:
         try:
