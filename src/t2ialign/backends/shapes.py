@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from t2ialign.backends.base import resharded
+from t2ialign.backends.flowmath import RectifiedFlowMath
 from t2ialign.models.generator import Cond, Generator, save_generator
 from t2ialign.sampling import flow
 
 LORA_TARGETS = ["conv1", "conv2", "emb", "out_proj"]
 
 
-class ShapesBackend:
+class ShapesBackend(RectifiedFlowMath):
     """Wraps a :class:`~t2ialign.models.generator.Generator`. The text encoder is frozen; the UNet
     is the denoiser that algorithms train (fully, or through LoRA adapters).
 
@@ -76,27 +77,7 @@ class ShapesBackend:
         return self.gen.unet
 
     # -- the math of the forward and reverse processes --------------------------------------------
-    def add_noise(self, x0, eps, s):
-        return flow.add_noise(x0, eps, s)
-
-    def target(self, x0, eps, s):
-        return flow.velocity_target(x0, eps)
-
-    def predict_x0(self, out, x_s, s):
-        return flow.x0_from_velocity(out, x_s, s)
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        return flow.time_grid(steps, device=self.device)
-
-    def ode_step(self, out, s, s_next, x):
-        return flow.euler_step(out, s, s_next, x)
-
-    def stochastic_step(self, out, s, s_next, x, noise=None, x_next=None, s_cap: float | None = None):
-        """Flow-GRPO's SDE step; ``s_cap`` (default: the first grid point below 1 of a uniform grid
-        whose first step is ``s - s_next``) replaces s = 1 in sigma's denominator."""
-        if s_cap is None:
-            s_cap = 1.0 - float(torch.as_tensor(s - s_next).flatten()[0])
-        return flow.sde_step(out, s, s_next, x, self.sde_a, s_cap, noise=noise, x_next=x_next)
+    # add_noise, target, predict_x0, timesteps, ode_step, stochastic_step: RectifiedFlowMath
 
     def decode(self, x):
         return self.gen.decode(x)

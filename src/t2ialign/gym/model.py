@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from t2ialign.backends.base import resharded
+from t2ialign.backends.flowmath import RectifiedFlowMath
 from t2ialign.gym.world import GymWorld, images_to_points, points_to_images
 from t2ialign.sampling import flow
 
@@ -122,7 +123,7 @@ class GymCond:
         return GymCond(self.labels.repeat_interleave(n))
 
 
-class GymBackend:
+class GymBackend(RectifiedFlowMath):
     """:class:`~t2ialign.backends.base.Backend` of a :class:`FlowMLP` (``prediction = "flow"``; latents
     (B, 2, 1, 1) are the points, images their sigmoid). ``sde_a`` is Flow-GRPO's noise scale."""
 
@@ -160,27 +161,7 @@ class GymBackend:
     def denoiser(self) -> nn.Module:
         return self.net
 
-    def add_noise(self, x0, eps, s):
-        return flow.add_noise(x0, eps, s)
-
-    def target(self, x0, eps, s):
-        return flow.velocity_target(x0, eps)
-
-    def predict_x0(self, out, x_s, s):
-        return flow.x0_from_velocity(out, x_s, s)
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        return flow.time_grid(steps, device=self.device)
-
-    def ode_step(self, out, s, s_next, x):
-        return flow.euler_step(out, s, s_next, x)
-
-    def stochastic_step(self, out, s, s_next, x, noise=None, x_next=None, s_cap: float | None = None):
-        """Flow-GRPO's SDE step; ``s_cap`` (default: 1 - the step's size, the first point below 1 of a
-        uniform grid) replaces s = 1 in sigma's denominator, as :class:`ShapesBackend` does."""
-        if s_cap is None:
-            s_cap = 1.0 - float(torch.as_tensor(s - s_next).flatten()[0])
-        return flow.sde_step(out, s, s_next, x, self.sde_a, s_cap, noise=noise, x_next=x_next)
+    # add_noise, target, predict_x0, timesteps, ode_step, stochastic_step: RectifiedFlowMath
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return points_to_images(x)
