@@ -80,6 +80,19 @@ class Backend(Protocol):
         """Within this context, ``predict`` is the frozen reference model (adapters disabled or
         the initial weights)."""
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser trains: the whole denoiser, or its LoRA adapters."""
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the current denoiser as the reference model of :meth:`reference` (full
+        fine-tuning; LoRA's reference is the denoiser with its adapters disabled)."""
+
+    def state_dict_trainable(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable parameters by name (checkpoints, EMA, the rank-0 broadcast)."""
+
+    def load_state_dict_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Write parameters by name, as :meth:`state_dict_trainable` returns them."""
+
     @property
     def lora_enabled(self) -> bool:
         """Whether ``enable_lora`` has run (only the adapters train)."""
