@@ -16,7 +16,7 @@ space (pixels scaled to [-1, 1] for the embedded model, VAE latents for diffuser
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -111,6 +111,22 @@ def denoising_loss(
     ``|| v_theta - (eps - x0) ||^2`` for flow models, the epsilon loss for DDPM models)."""
     out = backend.predict(backend.add_noise(x0, eps, s), s, cond)
     return (out - backend.target(x0, eps, s)).pow(2).flatten(1).mean(1)
+
+
+@contextmanager
+def adapters_disabled(net: nn.Module):
+    """Within this context, every peft LoRA layer of ``net`` is switched off (``net`` is then the
+    model it was before the adapters were injected): the reference model of LoRA fine-tuning."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
 
 
 def resharded(net: nn.Module) -> nn.Module:

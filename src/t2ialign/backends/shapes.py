@@ -8,7 +8,7 @@ import copy
 import torch
 from torch import nn
 
-from t2ialign.backends.base import resharded
+from t2ialign.backends.base import adapters_disabled, resharded
 from t2ialign.backends.flowmath import RectifiedFlowMath
 from t2ialign.models.generator import Cond, Generator, save_generator
 from t2ialign.sampling import flow
@@ -113,16 +113,8 @@ class ShapesBackend(RectifiedFlowMath):
     @contextlib.contextmanager
     def reference(self):
         if self._lora is not None:
-            from peft.tuners.lora import LoraLayer
-
-            layers = [m for m in self.gen.unet.modules() if isinstance(m, LoraLayer)]
-            for m in layers:
-                m.enable_adapters(False)
-            try:
+            with adapters_disabled(self.gen.unet):
                 yield self
-            finally:
-                for m in layers:
-                    m.enable_adapters(True)
         else:
             if self._ref is None:
                 self.snapshot_reference()

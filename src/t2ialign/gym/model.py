@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2ialign.backends.base import resharded
+from t2ialign.backends.base import adapters_disabled, resharded
 from t2ialign.backends.flowmath import RectifiedFlowMath
 from t2ialign.gym.world import GymWorld, images_to_points, points_to_images
 from t2ialign.sampling import flow
@@ -196,16 +196,8 @@ class GymBackend(RectifiedFlowMath):
     @contextlib.contextmanager
     def reference(self):
         if self._lora is not None:
-            from peft.tuners.lora import LoraLayer
-
-            layers = [m for m in self.net.modules() if isinstance(m, LoraLayer)]
-            for m in layers:
-                m.enable_adapters(False)
-            try:
+            with adapters_disabled(self.net):
                 yield self
-            finally:
-                for m in layers:
-                    m.enable_adapters(True)
         else:
             if self._ref is None:
                 self.snapshot_reference()
