@@ -18,6 +18,7 @@ With ``--no-accelerator`` the trainers get ``accelerator=None`` (the plain singl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -96,6 +97,80 @@ PROMPTS = [
 ]
 
 
+# the script's flags -> the fields they set, in each config that has the field
+FLAG_FIELDS = {
+    "iterations": ("iterations", "steps", "rounds"),
+    "batch_size": ("batch_size",),
+    "pretrain_batch_size": ("pretrain_batch_size",),
+    "prompts_per_iter": ("prompts_per_iter", "prompts_per_round"),
+    "group_size": ("group_size", "samples_per_prompt"),
+    "minibatch_size": ("minibatch_size", "train_batch_size"),
+    "train_steps": ("train_steps", "sample_steps"),
+    "steps_per_round": ("steps_per_round",),
+    "lr": ("lr",),
+    "lora_rank": ("lora_rank",),
+    "ema": ("ema",),
+    "lv_samples": ("lv_samples",),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps",),
+}
+# fixed for every run of this script where the config has the field: cheap, CFG-free, resumable
+FIXED = {"guidance": 1.0, "checkpoint_every": 1, "buffer_size": 4, "min_count": 2, "phi": "neg"}
+
+
+def config_for(args):
+    """The method's config from the script's flags (through the CLI's ``method_config``)."""
+    from t2ialign.cli.finetune import method_config
+
+    fields = {f.name for f in dataclasses.fields(method_config(args.method))}
+    values = {**FIXED}
+    for flag, names in FLAG_FIELDS.items():
+        name = next((n for n in names if n in fields), None)
+        if name is not None and getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    # --beta: the pre-training weight where there is one (RWR's beta), else the KL weight (GRPO) or,
+    # when > 0, DPO's temperature
+    weight = "pretrain_weight" if "pretrain_weight" in fields else "beta"
+    if weight in fields and (args.method != "dpo" or args.beta > 0):
+        values[weight] = args.beta
+    if "late_steps" in fields:
+        values["late_steps"] = min(2, args.train_steps)
+    return method_config(args.method, [f"{k}={v}" for k, v in values.items() if k in fields])
+
+
+def train(args, backend, accelerator, world: int) -> tuple[list[dict], int]:
+    """Train through the CLI's ``train_method``; returns the log rows and the samples trained on."""
+    from t2ialign.cli.finetune import METHODS, train_method
+    from t2ialign.models.pretrain import world_batch
+    from t2ialign.pipeline import world_pretrain_source
+
+    cfg = config_for(args)
+    needs = METHODS[args.method][3]
+    data = {}
+    if needs == "project":
+        from t2ialign.algorithms.rwr import WeightedSamples
+
+        x, prompts, _ = world_batch(3, 0, args.data)
+        data["labelled"] = WeightedSamples(x, prompts, torch.linspace(0.0, 1.0, args.data))
+    elif needs == "pairs":
+        from t2ialign.algorithms.dpo import PairSamples
+
+        x, prompts, _ = world_batch(3, 0, args.data)
+        data["pairs"] = PairSamples(x, x[:, [1, 2, 0]], prompts)  # the loser: the winner in wrong colours
+    else:
+        data.update(reward_fn=red_reward, prompts=PROMPTS)
+    if args.beta > 0 and (getattr(cfg, "pretrain_weight", 0) > 0 or args.method == "rwr"):
+        data["pretrain_source"] = world_pretrain_source()
+    rows = train_method(args.method, backend, cfg, args.out, accelerator=accelerator, progress=False, **data)
+    iterations = len(rows)
+    if needs == "reward" and args.method not in ("refl", "draft", "ddpo"):
+        samples = iterations * args.prompts_per_iter * args.group_size  # global groups
+    elif args.method == "ddpo":
+        samples = iterations * args.batch_size  # a global batch
+    else:
+        samples = iterations * args.batch_size * world  # per-process batches
+    return rows, samples
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -128,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps-per-round", type=int, default=2, help="RAFT: gradient steps per round")
     ap.add_argument("--data", type=int, default=16, help="RWR: labelled samples in the fixed data set")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=None,
+        help="the trainers' gradient accumulation (micro-batches per optimiser step; default: the "
+        "config's 1, or the launch's)",
+    )
     ap.add_argument("--lv-samples", type=int, default=0, help="DRaFT: DRaFT-LV re-noisings (0: DRaFT-K)")
     ap.add_argument("--project", default=None, help="reward: the feedback project to train on")
     ap.add_argument("--dropout", type=float, default=0.1, help="reward: dropout of the head")
@@ -194,137 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         backend = tiny_backend()
     t0 = time.perf_counter()
-    if args.method == "grpo":
-        from t2ialign.algorithms.grpo import GRPOConfig, train_grpo
-
-        cfg = GRPOConfig(
-            iterations=args.iterations,
-            prompts_per_iter=args.prompts_per_iter,
-            group_size=args.group_size,
-            train_steps=args.train_steps,
-            guidance=1.0,
-            beta=args.beta,
-            minibatch_size=args.minibatch_size,
-            lora_rank=args.lora_rank,
-            lr=args.lr,
-            checkpoint_every=1,
-        )
-        rows = train_grpo(
-            backend, red_reward, PROMPTS, cfg, args.out, progress=False, accelerator=accelerator
-        )
-        samples = args.iterations * args.prompts_per_iter * args.group_size
-    elif args.method == "ddpo":
-        from t2ialign.algorithms.ddpo import DDPOConfig, train_ddpo
-
-        cfg = DDPOConfig(
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            train_steps=args.train_steps,
-            guidance=1.0,
-            buffer_size=4,
-            min_count=2,
-            minibatch_size=args.minibatch_size,
-            lora_rank=args.lora_rank,
-            lr=args.lr,
-            checkpoint_every=1,
-        )
-        rows = train_ddpo(
-            backend, red_reward, PROMPTS, cfg, args.out, progress=False, accelerator=accelerator
-        )
-        samples = args.iterations * args.batch_size
-    elif args.method in ("nft", "raft"):
-        from t2ialign.pipeline import world_pretrain_source
-
-        pretrain = world_pretrain_source() if args.beta > 0 else None
-        if args.method == "nft":
-            from t2ialign.algorithms.nft import NFTConfig, train_nft
-
-            cfg = NFTConfig(
-                iterations=args.iterations,
-                prompts_per_iter=args.prompts_per_iter,
-                group_size=args.group_size,
-                sample_steps=args.train_steps,
-                train_batch_size=args.minibatch_size,
-                pretrain_weight=args.beta,
-                pretrain_batch_size=args.pretrain_batch_size,
-                lr=args.lr,
-                checkpoint_every=1,
-            )
-            train = train_nft
-        else:
-            from t2ialign.algorithms.raft import RAFTConfig, train_raft
-
-            cfg = RAFTConfig(
-                rounds=args.iterations,
-                prompts_per_round=args.prompts_per_iter,
-                samples_per_prompt=args.group_size,
-                sample_steps=args.train_steps,
-                guidance=1.0,
-                steps_per_round=args.steps_per_round,
-                batch_size=args.batch_size,
-                pretrain_weight=args.beta,
-                pretrain_batch_size=args.pretrain_batch_size,
-                lr=args.lr,
-                checkpoint_every=1,
-            )
-            train = train_raft
-        rows = train(
-            backend,
-            red_reward,
-            PROMPTS,
-            cfg,
-            args.out,
-            progress=False,
-            pretrain_source=pretrain,
-            accelerator=accelerator,
-        )
-        samples = args.iterations * args.prompts_per_iter * args.group_size
-    elif args.method == "dpo":
-        from t2ialign.algorithms.dpo import DPOConfig, PairSamples, train_dpo
-        from t2ialign.models.pretrain import world_batch
-
-        x, prompts, _ = world_batch(3, 0, args.data)
-        pairs = PairSamples(x, x[:, [1, 2, 0]], prompts)  # the loser: the winner in wrong colours
-        cfg = DPOConfig(
-            steps=args.iterations,
-            batch_size=args.batch_size,
-            beta=args.beta if args.beta > 0 else 500.0,
-            lr=args.lr,
-            checkpoint_every=1,
-        )
-        rows = train_dpo(backend, pairs, cfg, args.out, progress=False, accelerator=accelerator)
-        samples = args.iterations * args.batch_size * world
-    elif args.method in ("refl", "draft"):
-        from t2ialign.algorithms.refl import DRaFTConfig, ReFLConfig, train_draft, train_refl
-        from t2ialign.pipeline import world_pretrain_source
-
-        common = dict(
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            sample_steps=args.train_steps,
-            guidance=1.0,
-            phi="neg",
-            pretrain_weight=args.beta,
-            pretrain_batch_size=args.pretrain_batch_size,
-            lr=args.lr,
-            checkpoint_every=1,
-        )
-        if args.method == "refl":
-            cfg, train = ReFLConfig(**common, late_steps=min(2, args.train_steps)), train_refl
-        else:
-            cfg, train = DRaFTConfig(**common, lv_samples=args.lv_samples), train_draft
-        rows = train(
-            backend,
-            red_reward,
-            PROMPTS,
-            cfg,
-            args.out,
-            progress=False,
-            pretrain_source=world_pretrain_source() if args.beta > 0 else None,
-            accelerator=accelerator,
-        )
-        samples = args.iterations * args.batch_size * world
-    elif args.method == "reward":
+    if args.method == "reward":
         from t2ialign.feedback import FeedbackStore
         from t2ialign.reward.train import RewardTrainConfig, train_reward_model
 
@@ -350,32 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = model.card["history"]
         samples = len(rows) * model.card["data"]["train_labels"]
     else:
-        from t2ialign.algorithms.rwr import RWRConfig, WeightedSamples, train_rwr
-        from t2ialign.models.pretrain import world_batch
-        from t2ialign.pipeline import world_pretrain_source
-
-        x, prompts, _ = world_batch(3, 0, args.data)
-        weights = torch.linspace(0.0, 1.0, args.data)
-        cfg = RWRConfig(
-            steps=args.iterations,
-            lora_rank=args.lora_rank,
-            batch_size=args.batch_size,
-            pretrain_batch_size=args.pretrain_batch_size,
-            beta=args.beta,
-            lr=args.lr,
-            ema=args.ema,
-            checkpoint_every=1,
-        )
-        rows = train_rwr(
-            backend,
-            cfg,
-            WeightedSamples(x, prompts, weights),
-            args.out,
-            pretrain_source=world_pretrain_source() if args.beta > 0 else None,
-            progress=False,
-            accelerator=accelerator,
-        )
-        samples = args.iterations * args.batch_size * world
+        rows, samples = train(args, backend, accelerator, world)
     wall = time.perf_counter() - t0
     summary = {"method": args.method, "processes": world, "samples": samples, "wall_s": wall}
     summary["samples_per_s"] = samples / wall

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -76,15 +77,16 @@ def check_pretrain(weight: float, batch_size: int, pretrain_source) -> bool:
     return False
 
 
-def pretrain_losses(
+def pretrain_batch(
     backend,
     pretrain_source,
     step: int,
     batch_size: int,
     generator: torch.Generator,
     ranks: Ranks | None = None,
-) -> torch.Tensor:
-    """The denoising loss (B,) on batch ``step`` of the pre-training data (the "keep fidelity" term).
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Batch ``step`` of the pre-training data (the "keep fidelity" term), ready for
+    ``denoising_loss``: (x0, cond, eps, s), this rank's share.
 
     With ``ranks`` of N > 1 processes, ``batch_size`` is per process: the source's batch ``step`` of
     N * batch_size is drawn, with N * batch_size noise draws from ``generator``, and this rank takes
@@ -98,4 +100,24 @@ def pretrain_losses(
     x0 = backend.encode_images(images[mine].to(backend.device))
     eps = torch.randn((n, *x0.shape[1:]), generator=generator)[mine].to(backend.device)
     s = torch.rand(n, generator=generator)[mine].to(backend.device)
-    return denoising_loss(backend, x0, backend.encode(list(texts)[mine]), eps, s)
+    return x0, backend.encode(list(texts)[mine]), eps, s
+
+
+def pretrain_losses(
+    backend,
+    pretrain_source,
+    step: int,
+    batch_size: int,
+    generator: torch.Generator,
+    ranks: Ranks | None = None,
+) -> torch.Tensor:
+    """The denoising loss (B,) on :func:`pretrain_batch`."""
+    return denoising_loss(
+        backend, *pretrain_batch(backend, pretrain_source, step, batch_size, generator, ranks)
+    )
+
+
+def batch_losses(backend, batch, part: slice) -> torch.Tensor:
+    """The denoising loss on the rows ``part`` of a :func:`pretrain_batch` (a micro-batch)."""
+    x0, cond, eps, s = batch
+    return denoising_loss(backend, x0[part], cond.index(part), eps[part], s[part])

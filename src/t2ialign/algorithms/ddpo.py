@@ -17,29 +17,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    setup_trainable,
-)
+from t2ialign.algorithms.common import RunLogger
 from t2ialign.algorithms.grpo import (
     check_prompts,
     collect_rollouts,
     optimise_policy,
     ppo_clip_loss,
-    resume,
     scalar_info,
 )
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 
 
 def reinforce_loss(logp: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -123,6 +115,10 @@ class DDPOConfig:
     """Save a resumable trainer state (with the per-prompt statistics) every this many iterations."""
     seed: int = 0
     """Seeds the prompts, the noise and the minibatches (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each optimiser step's minibatch (``minibatch_size``) goes through the model in K equal
+    micro-batches whose gradients add up (the same step, a K-th of the activations; see
+    ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         for name in (
@@ -151,6 +147,7 @@ class DDPOConfig:
             raise ValueError("lr and grad_clip must be positive, weight_decay non-negative")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_accumulation(self, ("minibatch_size", self.minibatch_size))
 
 
 def train_ddpo(
@@ -178,20 +175,13 @@ def train_ddpo(
     gradients averaged over ranks (:class:`~t2ialign.algorithms.common.Ranks`). The main process
     alone writes the log, checkpoints and the model; every rank resumes from the same ``out``.
     """
-    from tqdm import tqdm
-
-    out = Path(out)
     check_prompts(prompts)
-    ranks = Ranks(accelerator)
+    run = TrainingRun(backend, cfg, out, "ddpo", accelerator=accelerator, logger=logger)
+    ranks = run.ranks
     mine = ranks.shard(cfg.batch_size)  # before any collective: fails early on an uneven split
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, cfg.weight_decay, cfg.grad_clip)
-    start, extra = resume(out, backend, opt, "ddpo", ranks)
+    run.start()
     tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count)
-    tracker.load_state_dict(extra.get("stats", {}))
-    own_logger = logger is None
-    if ranks.is_main:
-        logger = logger or RunLogger(out, {"method": "ddpo", **asdict(cfg)})
+    tracker.load_state_dict(run.extra.get("stats", {}))
     if cfg.variant == "is":
 
         def step_loss(lp, old, a):
@@ -202,16 +192,7 @@ def train_ddpo(
             return reinforce_loss(lp, a)
 
     steps = list(range(cfg.train_steps))
-    rows = []
-    bar = tqdm(
-        range(start, cfg.iterations),
-        initial=start,
-        total=cfg.iterations,
-        desc="ddpo",
-        unit="it",
-        disable=not progress or not ranks.is_main,
-    )
-    for it in bar:
+    for it in run.steps(cfg.iterations, progress, unit="it"):
         g = ranks.generator(cfg.seed, it)
         rng = np.random.default_rng([cfg.seed, it])
         chosen = [prompts[int(i)] for i in rng.integers(len(prompts), size=cfg.batch_size)]
@@ -228,8 +209,7 @@ def train_ddpo(
         t1 = time.perf_counter()
         stats = optimise_policy(
             backend,
-            opt,
-            params,
+            run,
             batch,
             adv,
             steps,
@@ -241,9 +221,7 @@ def train_ddpo(
             minibatch_size=cfg.minibatch_size,
             inner_epochs=cfg.inner_epochs,
             timestep_fraction=cfg.timestep_fraction,
-            grad_clip=cfg.grad_clip,
             generator=g,
-            ranks=ranks,
         )
         row = {
             "reward_mean": float(rewards.mean()),
@@ -253,13 +231,6 @@ def train_ddpo(
             "train_s": time.perf_counter() - t1,
             **ranks.mean_scalars(scalar_info(batch.info)),
         }
-        record_step(rows, row, it + 1, ranks, out, logger)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            extra = {"method": "ddpo", "stats": tracker.state_dict()}
-            save_trainer_state(out, it + 1, backend, opt, extra=extra, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main and own_logger:
-        logger.close()
-    save_model(backend, ranks, out, "ddpo", cfg)
-    return rows
+        run.record(row, it + 1, reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
+        run.checkpoint(it + 1, extra={"stats": tracker.state_dict()})
+    return run.finish()

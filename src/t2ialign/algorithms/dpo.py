@@ -25,25 +25,14 @@ beta = 1000 on, the noise regime) and the implicit accuracy on 20 held-out pairs
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    check_lr_and_lora,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    seeded,
-    setup_trainable,
-    truncate_log,
-)
+from t2ialign.algorithms.common import RunLogger, check_lr_and_lora, seeded
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 
 
 def dpo_loss(
@@ -101,6 +90,9 @@ class DPOConfig:
     """Save a resumable trainer state every this many steps."""
     seed: int = 0
     """Seeds the batches and the noise (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each step's pairs go through the model in K equal micro-batches whose gradients add up
+    (the same step, a K-th of the activations; see ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -108,6 +100,7 @@ class DPOConfig:
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
         check_lr_and_lora(self)
+        check_accumulation(self, ("batch_size", self.batch_size))
 
 
 def train_dpo(
@@ -132,63 +125,50 @@ def train_dpo(
     of 1 process x 2B pairs. The logged values are the global batch's. The main process alone writes
     the log, checkpoints and the model; all ranks resume from the same ``out``.
     """
-    from tqdm import tqdm
-
-    out = Path(out)
     if len(pairs) == 0:
         raise ValueError("no preference pairs to train on")
-    ranks = Ranks(accelerator)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
-    start, _ = load_trainer_state(out, backend, opt, ranks)
-    if ranks.is_main:
-        truncate_log(out, start)
-        logger = logger or RunLogger(out, asdict(cfg))
+    run = TrainingRun(backend, cfg, out, "dpo", accelerator=accelerator, logger=logger).start()
+    ranks = run.ranks
     batch_size = cfg.batch_size * ranks.world  # the global batch
     mine = ranks.shard(batch_size)
     dev = backend.device
-    rows = []
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        desc="dpo",
-        unit="step",
-        disable=not progress or not ranks.is_main,
-    )
-    for k in bar:
+    for k in run.steps(cfg.steps, progress):
         g = seeded(cfg.seed, k)
         # the global batch's pairs and noise, this rank's share: any process count draws the same
         idx = torch.randint(len(pairs), (batch_size,), generator=g)[mine]
         texts = [pairs.prompts[int(i)] for i in idx]
-        x0 = backend.encode_images(torch.cat([pairs.winners[idx], pairs.losers[idx]]).to(dev))
-        eps = torch.randn((batch_size, *x0.shape[1:]), generator=g)[mine].to(dev)
+        x_w, x_l = backend.encode_images(torch.cat([pairs.winners[idx], pairs.losers[idx]]).to(dev)).chunk(2)
+        eps = torch.randn((batch_size, *x_w.shape[1:]), generator=g)[mine].to(dev)
         s = torch.rand(batch_size, generator=g)[mine].to(dev)
-        eps, s = torch.cat([eps, eps]), torch.cat([s, s])  # the same noise for winner and loser
-        cond = backend.encode(texts + texts)
-        x_s, target = backend.add_noise(x0, eps, s), backend.target(x0, eps, s)
-        err = (backend.predict(x_s, s, cond) - target).pow(2).flatten(1).mean(1)
-        with torch.no_grad(), backend.reference():
-            ref_err = (backend.predict(x_s, s, cond) - target).pow(2).flatten(1).mean(1)
-        err_w, err_l = err.chunk(2)
-        ref_w, ref_l = ref_err.chunk(2)
-        loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean()
-        ranks.update(opt, params, loss, cfg.grad_clip)
-        d = ((err_w - ref_w) - (err_l - ref_l)).detach()
+        n = len(idx)
+        run.zero_grad()
+        parts = []  # per micro-batch: loss, err_w, err_l, ref_w, ref_l
+        for m in run.micro_batches(n):
+            x0 = torch.cat([x_w[m], x_l[m]])
+            e, t = torch.cat([eps[m], eps[m]]), torch.cat([s[m], s[m]])  # winner and loser: one noise
+            cond = backend.encode(texts[m] + texts[m])
+            x_s, target = backend.add_noise(x0, e, t), backend.target(x0, e, t)
+            err = (backend.predict(x_s, t, cond) - target).pow(2).flatten(1).mean(1)
+            with torch.no_grad(), backend.reference():
+                ref_err = (backend.predict(x_s, t, cond) - target).pow(2).flatten(1).mean(1)
+            err_w, err_l = err.chunk(2)
+            ref_w, ref_l = ref_err.chunk(2)
+            # the batch's mean loss, this micro-batch's share of it
+            loss = dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta).mean() * ((m.stop - m.start) / n)
+            run.backward(loss)
+            parts.append((loss.detach(), err_w.detach(), err_l.detach(), ref_w, ref_l))
+        run.step()
+        loss = sum(p[0] for p in parts)
+        err_w, err_l, ref_w, ref_l = (torch.cat([p[i] for p in parts]) for i in range(1, 5))
+        d = (err_w - ref_w) - (err_l - ref_l)
         row = {
             "loss": loss.item(),
             "implicit_acc": float((d < 0).float().mean()),
             "d_mean": float(d.mean()),
-            "model_mse": float(err.detach().mean()),
-            "ref_mse": float(ref_err.mean()),
+            "model_mse": float(torch.cat([err_w, err_l]).mean()),
+            "ref_mse": float(torch.cat([ref_w, ref_l]).mean()),
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
-        record_step(rows, row, k + 1, ranks, out, logger)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
-        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            save_trainer_state(out, k + 1, backend, opt, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main:
-        logger.close()
-    save_model(backend, ranks, out, "dpo", cfg)
-    return rows
+        run.record(row, k + 1, loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}")
+        run.checkpoint(k + 1)
+    return run.finish()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +28,14 @@ import numpy as np
 import torch
 
 from t2ialign.algorithms.common import (
-    CHECKPOINT,
-    Ranks,
     RunLogger,
     Trajectory,
     call_reward,
     initial_noise,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
     rollout,
-    save_model,
-    save_trainer_state,
-    setup_trainable,
     step_log_prob,
-    truncate_log,
 )
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.sampling.flow import gaussian_kl_same_std
 
 # ---- the losses (pure functions) -----------------------------------------------------------------
@@ -123,8 +115,7 @@ StepLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def optimise_policy(
     backend,
-    opt,
-    params,
+    run: TrainingRun,
     batch: Rollouts,
     adv: torch.Tensor,
     steps: list[int],
@@ -137,20 +128,25 @@ def optimise_policy(
     minibatch_size: int,
     inner_epochs: int = 1,
     timestep_fraction: float = 1.0,
-    grad_clip: float = 1.0,
     generator: torch.Generator | None = None,
-    ranks: Ranks | None = None,
 ) -> dict[str, float]:
-    """Inner epochs over shuffled minibatches of ``batch``; one optimiser step per minibatch, with the
-    per-step losses of the trained ``steps`` (a random ``timestep_fraction`` of them per minibatch)
-    averaged (``step_reduce='mean'``, Flow-GRPO) or summed (``'sum'``, DDPO). Each step adds
-    ``beta * KL`` to the reference model when beta > 0. Returns the diagnostics, each a mean over
-    (minibatch, step) pairs (so ``loss`` is per step, also when the optimised sum is over steps).
-    ``ranks`` (:class:`~t2ialign.algorithms.parallel.Ranks`) runs the backward passes and the step
+    """Inner epochs over shuffled minibatches of ``batch``; one optimiser step of ``run`` per
+    minibatch, with the per-step losses of the trained ``steps`` (a random ``timestep_fraction`` of
+    them per minibatch) averaged (``step_reduce='mean'``, Flow-GRPO) or summed (``'sum'``, DDPO).
+    Each step adds ``beta * KL`` to the reference model when beta > 0. Returns the diagnostics, each
+    a mean over (minibatch, step) pairs (so ``loss`` is per step, also when the optimised sum is
+    over steps).
+
+    Each minibatch goes through the model in the run's micro-batches (gradient accumulation,
+    :meth:`~t2ialign.algorithms.run.TrainingRun.micro_batches`): every micro-batch's per-step losses
+    (means over its samples, as ``step_loss`` returns) are scaled by its share of the minibatch, so
+    the accumulated gradient and the diagnostics (weighted by the same shares) are the whole
+    minibatch's. The draws (the permutation, the trained steps) do not depend on the accumulation.
+    The run's :class:`~t2ialign.algorithms.parallel.Ranks` runs the backward passes and the step
     (the gradient average over data-parallel ranks, or DeepSpeed's engine)."""
-    ranks = ranks or Ranks(None)
     if step_reduce not in ("mean", "sum"):
         raise ValueError(f"step_reduce must be 'mean' or 'sum', got {step_reduce!r}")
+    engine = run.ranks.engine
     n = adv.shape[0]
     dev = backend.device
     n_train = max(1, round(timestep_fraction * len(steps)))
@@ -165,30 +161,37 @@ def optimise_policy(
             if n_train < len(steps):
                 pick = torch.randperm(len(steps), generator=generator)[:n_train]
                 ks = [steps[i] for i in sorted(pick.tolist())]
-            cond, a = batch.cond.index(idx), adv[idx]
             scale = 1.0 / len(ks) if step_reduce == "mean" else 1.0
-            opt.zero_grad(set_to_none=True)
-            for k in ks:
-                logp, mean, std = step_log_prob(backend, batch.traj, k, cond, guidance, idx)
-                logp_old = batch.traj.log_probs[k, idx]
-                policy = step_loss(logp, logp_old, a)
-                loss = policy
-                row = {"policy_loss": policy.item(), **ppo_stats(logp, logp_old, clip_range)}
-                if beta > 0:
-                    with torch.no_grad(), backend.reference():
-                        _, mean_ref, _ = step_log_prob(backend, batch.traj, k, cond, guidance, idx)
-                    kl = kl_penalty(mean, mean_ref, std)
-                    loss = loss + beta * kl
-                    row["kl"] = kl.item()
-                # a deterministic step (std 0) has a constant log-prob; under DeepSpeed every rank
-                # still takes the backward pass (of zeros), as ZeRO's collectives need
-                if loss.requires_grad or ranks.engine is not None:
-                    ranks.backward(loss * scale)
-                row["loss"] = loss.item()
-                for key, v in row.items():
+            pairs: list[dict[str, float]] = [{} for _ in ks]  # each step's diagnostics over the minibatch
+            run.zero_grad()
+            for part in run.micro_batches(len(idx)):
+                share = (part.stop - part.start) / len(idx)  # 1.0 without accumulation
+                mid = idx[part]
+                cond, a = batch.cond.index(mid), adv[mid]
+                for k, pair in zip(ks, pairs, strict=True):
+                    logp, mean, std = step_log_prob(backend, batch.traj, k, cond, guidance, mid)
+                    logp_old = batch.traj.log_probs[k, mid]
+                    policy = step_loss(logp, logp_old, a)
+                    loss = policy
+                    row = {"policy_loss": policy.item(), **ppo_stats(logp, logp_old, clip_range)}
+                    if beta > 0:
+                        with torch.no_grad(), backend.reference():
+                            _, mean_ref, _ = step_log_prob(backend, batch.traj, k, cond, guidance, mid)
+                        kl = kl_penalty(mean, mean_ref, std)
+                        loss = loss + beta * kl
+                        row["kl"] = kl.item()
+                    # a deterministic step (std 0) has a constant log-prob; under DeepSpeed every rank
+                    # still takes the backward pass (of zeros), as ZeRO's collectives need
+                    if loss.requires_grad or engine is not None:
+                        run.backward(loss * (scale * share))
+                    row["loss"] = loss.item()
+                    for key, v in row.items():
+                        pair[key] = pair.get(key, 0.0) + share * v
+            for pair in pairs:
+                for key, v in pair.items():
                     sums[key] = sums.get(key, 0.0) + v
                 count += 1
-            norm = ranks.step(opt, params, grad_clip)
+            norm = run.step()
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             updates += 1
     stats = {k: v / count for k, v in sums.items() if k != "grad_norm"}
@@ -222,22 +225,6 @@ def check_prompts(prompts: list[dict]) -> None:
     bad = [r for r in prompts if not isinstance(r, dict) or "prompt" not in r]
     if bad:
         raise ValueError(f"prompt rows must be dicts with a 'prompt' key, got {bad[0]!r}")
-
-
-def resume(out: Path, backend, opt, method: str, ranks: Ranks) -> tuple[int, dict]:
-    """Load the trainer state of ``out`` (if any), refusing one written by another method; the main
-    process cuts the log back to the resumed step."""
-    path = out / CHECKPOINT
-    if path.exists():  # look before loading: another method's weights may not even fit
-        other = (
-            torch.load(path, weights_only=False, map_location="cpu", mmap=True).get("extra", {}).get("method")
-        )
-        if other not in (None, method):
-            raise ValueError(f"{out} holds a {other!r} run, not {method!r}: use another --out")
-    start, extra = load_trainer_state(out, backend, opt, ranks)
-    if ranks.is_main:
-        truncate_log(out, start)
-    return start, extra
 
 
 # ---- Flow-GRPO -----------------------------------------------------------------------------------
@@ -285,6 +272,10 @@ class GRPOConfig:
     """Save a resumable trainer state every this many iterations."""
     seed: int = 0
     """Seeds the prompts, the noise and the minibatches (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each optimiser step's minibatch (``minibatch_size``) goes through the model in K equal
+    micro-batches whose gradients add up (the same step, a K-th of the activations; see
+    ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         for name in (
@@ -310,6 +301,7 @@ class GRPOConfig:
             raise ValueError("lr and grad_clip must be positive, weight_decay non-negative")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        check_accumulation(self, ("minibatch_size", self.minibatch_size))
 
 
 Window = Callable[[int], tuple[int, int]]
@@ -338,29 +330,13 @@ def train_group_policy(
     global groups and each rank trains on its slice, ``minibatch_size`` samples per process per
     optimiser step, with the gradients averaged over ranks. The main process alone writes the log,
     checkpoints and the model; every rank resumes from the same ``out``."""
-    from tqdm import tqdm
-
-    out = Path(out)
     check_prompts(prompts)
-    ranks = Ranks(accelerator)
+    run = TrainingRun(backend, cfg, out, method, accelerator=accelerator, logger=logger)
+    ranks = run.ranks
     ranks.shard(cfg.prompts_per_iter * cfg.group_size)  # before any collective: fail early on an uneven split
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, cfg.weight_decay, cfg.grad_clip)
-    start, _ = resume(out, backend, opt, method, ranks)
-    own_logger = logger is None
-    if ranks.is_main:
-        logger = logger or RunLogger(out, {"method": method, **asdict(cfg)})
+    run.start()
     G, T = cfg.group_size, cfg.train_steps
-    rows = []
-    bar = tqdm(
-        range(start, cfg.iterations),
-        initial=start,
-        total=cfg.iterations,
-        desc=method,
-        unit="it",
-        disable=not progress or not ranks.is_main,
-    )
-    for it in bar:
+    for it in run.steps(cfg.iterations, progress, unit="it"):
         g = ranks.generator(cfg.seed, it)
         rng = np.random.default_rng([cfg.seed, it])
         chosen = choose_prompts(prompts, cfg.prompts_per_iter, rng)
@@ -376,8 +352,7 @@ def train_group_policy(
         t1 = time.perf_counter()
         stats = optimise_policy(
             backend,
-            opt,
-            params,
+            run,
             batch,
             adv,
             list(range(first, end)),
@@ -389,9 +364,7 @@ def train_group_policy(
             minibatch_size=cfg.minibatch_size,
             inner_epochs=cfg.inner_epochs,
             timestep_fraction=cfg.timestep_fraction,
-            grad_clip=cfg.grad_clip,
             generator=g,
-            ranks=ranks,
         )
         groups = rewards.reshape(-1, G)
         row = {
@@ -405,15 +378,9 @@ def train_group_policy(
         }
         if window is not None:
             row["window_start"] = float(first)
-        record_step(rows, row, it + 1, ranks, out, logger)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt, extra={"method": method}, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main and own_logger:
-        logger.close()
-    save_model(backend, ranks, out, method, cfg)
-    return rows
+        run.record(row, it + 1, reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
+        run.checkpoint(it + 1)
+    return run.finish()
 
 
 def train_grpo(

@@ -33,34 +33,23 @@ The model saved at the end is the trained policy theta, not the EMA "old" copy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from t2ialign.algorithms._online import (
+    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
-    pretrain_losses,
+    pretrain_batch,
     sample_latents,
     scalar_info,
     swapped_weights,
 )
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    call_reward,
-    check_lr_and_lora,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    seeded,
-    setup_trainable,
-    truncate_log,
-)
+from t2ialign.algorithms.common import RunLogger, call_reward, check_lr_and_lora, seeded
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.algorithms.rwr import PretrainSource
 
 NORMALISERS = ("group_std", "global_std")
@@ -190,6 +179,10 @@ class NFTConfig:
     """Save a resumable trainer state (with the EMA copy) every this many iterations."""
     seed: int = 0
     """Seeds prompts, noise and re-noising (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each gradient step's samples (``train_batch_size``, and the pre-training batch) go through
+    the model in K equal micro-batches whose gradients add up (the same step, a K-th of the
+    activations; see ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         for name in (
@@ -221,6 +214,8 @@ class NFTConfig:
         if self.ema_rate < 0 or not 0 <= self.ema_max < 1:
             raise ValueError(f"need ema_rate >= 0 and 0 <= ema_max < 1, got {self.ema_rate}, {self.ema_max}")
         check_lr_and_lora(self)
+        pre = self.pretrain_batch_size * (self.pretrain_weight > 0)
+        check_accumulation(self, ("train_batch_size", self.train_batch_size), ("pretrain_batch_size", pre))
 
 
 def train_nft(
@@ -250,30 +245,23 @@ def train_nft(
     EMA old policy, stay identical on every rank. The main process alone writes the log,
     checkpoints and the model; every rank resumes from the same ``out``.
     """
-    from tqdm import tqdm
-
-    out = Path(out)
     check_prompt_rows(prompts)
     if cfg.weighting == "x0_adaptive" and backend.prediction != "flow":
         raise ValueError("weighting='x0_adaptive' is written for flow models (x0_hat - x0 = -s (v_hat - v))")
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    ranks = Ranks(accelerator)
+    run = TrainingRun(backend, cfg, out, "nft", accelerator=accelerator, logger=logger)
+    ranks = run.ranks
     # before any collective: fails early on an uneven split
     mine = ranks.shard(cfg.prompts_per_iter * cfg.group_size)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
-    start, extra = load_trainer_state(out, backend, opt, ranks)
+    run.start()
     dev = backend.device
     live = backend.state_dict_trainable()
     # the EMA old policy; from a checkpoint full tensors, under FSDP cut into this rank's shards
     ema = (
-        {k: ranks.local_like(v.to(dev), live[k]) for k, v in extra["ema"].items()}
-        if extra.get("ema")
+        {k: ranks.local_like(v.to(dev), live[k]) for k, v in run.extra["ema"].items()}
+        if run.extra.get("ema")
         else live
     )
-    if ranks.is_main:
-        truncate_log(out, start)
-        logger = logger or RunLogger(out, asdict(cfg))
     # N: this process's samples per iteration (all of them in one process)
     P, G, N, B = (
         cfg.prompts_per_iter,
@@ -283,16 +271,7 @@ def train_nft(
     )
     steps_per_iter = cfg.inner_epochs * -(-N // B)
     scale = cfg.adv_clip / cfg.beta
-    rows = []
-    bar = tqdm(
-        range(start, cfg.iterations),
-        initial=start,
-        total=cfg.iterations,
-        desc="nft",
-        unit="it",
-        disable=not progress or not ranks.is_main,
-    )
-    for it in bar:
+    for it in run.steps(cfg.iterations, progress, unit="it"):
         g = seeded(cfg.seed, it)
         # the same prompts on every rank; this rank's share of the global groups
         meta = [row for row in pick_rows(prompts, P, g) for _ in range(G)][mine]
@@ -326,34 +305,40 @@ def train_nft(
                 )
             for idx in orders[e].split(B):
                 idx_d = idx.to(dev)
-                v_theta = backend.predict(x_s[idx_d], s[idx_d], cond.index(idx_d), guidance=cfg.guidance)
-                per = nft_loss(v_theta, v_old[idx_d], v[idx_d], r[idx_d], cfg.beta, s[idx_d], cfg.weighting)
-                loss = scale * per.mean()
-                if cfg.kl_weight > 0:
-                    with torch.no_grad(), backend.reference():
-                        v_ref = backend.predict(
-                            x_s[idx_d], s[idx_d], cond.index(idx_d), guidance=cfg.guidance
-                        )
-                    kl = (v_theta - v_ref).pow(2).flatten(1).mean(1).mean()
-                    loss = loss + cfg.kl_weight * kl
-                    stats["kl"] += kl.item() / steps_per_iter
+                pre = None
                 if use_pre:
-                    pre = pretrain_losses(
-                        backend,
-                        pretrain_source,
-                        it * steps_per_iter + j,
-                        cfg.pretrain_batch_size,
-                        g,
-                        ranks,
-                    ).mean()
-                    loss = loss + cfg.pretrain_weight * pre
-                    stats["pre_loss"] += pre.item() / steps_per_iter
-                ranks.update(opt, params, loss, cfg.grad_clip)
-                stats["loss"] += loss.item() / steps_per_iter
-                stats["nft_loss"] += per.mean().item() / steps_per_iter
-                stats["old_deviation"] += (v_theta.detach() - v_old[idx_d]).pow(
-                    2
-                ).mean().item() / steps_per_iter
+                    step = it * steps_per_iter + j
+                    pre = pretrain_batch(backend, pretrain_source, step, cfg.pretrain_batch_size, g, ranks)
+                parts = run.micro_batches(len(idx_d))
+                pre_parts = (
+                    run.micro_batches(cfg.pretrain_batch_size, len(parts)) if use_pre else [None] * len(parts)
+                )
+                run.zero_grad()
+                sums = dict.fromkeys(stats, 0.0)
+                for m, pm in zip(parts, pre_parts, strict=True):
+                    i, share = idx_d[m], len(idx_d[m]) / len(idx_d)  # a micro-batch counts by its share
+                    v_theta = backend.predict(x_s[i], s[i], cond.index(i), guidance=cfg.guidance)
+                    per = nft_loss(v_theta, v_old[i], v[i], r[i], cfg.beta, s[i], cfg.weighting)
+                    loss = scale * per.mean() * share
+                    if cfg.kl_weight > 0:
+                        with torch.no_grad(), backend.reference():
+                            v_ref = backend.predict(x_s[i], s[i], cond.index(i), guidance=cfg.guidance)
+                        kl = (v_theta - v_ref).pow(2).flatten(1).mean(1).mean() * share
+                        loss = loss + cfg.kl_weight * kl
+                        sums["kl"] += kl.item()
+                    if use_pre:
+                        pre_loss = batch_losses(backend, pre, pm).mean() * (
+                            (pm.stop - pm.start) / cfg.pretrain_batch_size
+                        )
+                        loss = loss + cfg.pretrain_weight * pre_loss
+                        sums["pre_loss"] += pre_loss.item()
+                    run.backward(loss)
+                    sums["loss"] += loss.item()
+                    sums["nft_loss"] += per.mean().item() * share
+                    sums["old_deviation"] += (v_theta.detach() - v_old[i]).pow(2).mean().item() * share
+                run.step()
+                for key, v_sum in sums.items():
+                    stats[key] += v_sum / steps_per_iter
                 j += 1
         eta = ema_decay(it, cfg.ema_rate, cfg.ema_max)
         with torch.no_grad():
@@ -370,12 +355,6 @@ def train_nft(
             "ema_decay": eta,
             **ranks.mean_scalars(scalar_info(info)),
         }
-        record_step(rows, row, it + 1, ranks, out, logger)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt, extra={"ema": ema}, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main:
-        logger.close()
-    save_model(backend, ranks, out, "nft", cfg)
-    return rows
+        run.record(row, it + 1, reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        run.checkpoint(it + 1, extra={"ema": ema})
+    return run.finish()

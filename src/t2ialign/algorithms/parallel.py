@@ -26,7 +26,8 @@ Two modes, picked by the accelerator's ``distributed_type``:
   step, as the online methods need. The weights stay whole on every rank. Checkpoints keep each
   rank's optimiser partition, so they resume under DeepSpeed with the same number of processes.
   Stage 3, offload, and DeepSpeed's own fp16/bf16 are refused (the backends run their own autocast
-  with float32 trainable weights).
+  with float32 trainable weights). The config's ``gradient_accumulation_steps`` is the trainers'
+  own accumulation (see :mod:`t2ialign.algorithms.run`), not DeepSpeed's.
 
 Megatron-LM accelerators are refused.
 """
@@ -467,12 +468,6 @@ def _zero_settings(accelerator) -> dict:
             "DeepSpeed's mixed precision is not used by the t2ialign trainers (it would cast the "
             "trainable weights): set mixed_precision: 'no' in the accelerate config and choose the "
             "backend's dtype (for example bfloat16 frozen weights under autocast) instead"
-        )
-    steps = cfg.get("gradient_accumulation_steps", 1)
-    if steps not in (1, "auto", None):
-        raise ValueError(
-            f"gradient_accumulation_steps={steps} in the DeepSpeed config: the trainers have no "
-            "gradient accumulation; set it to 1"
         )
     for key in ("optimizer", "scheduler"):
         if key in cfg:

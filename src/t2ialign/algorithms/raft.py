@@ -12,33 +12,22 @@ rounds go on (its samples become its only data); the pre-training term is the us
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from t2ialign.algorithms._online import (
+    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
-    pretrain_losses,
+    pretrain_batch,
     sample_latents,
     scalar_info,
 )
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    call_reward,
-    check_lr_and_lora,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    seeded,
-    setup_trainable,
-    truncate_log,
-)
+from t2ialign.algorithms.common import RunLogger, call_reward, check_lr_and_lora, seeded
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.algorithms.rwr import PretrainSource
 from t2ialign.backends.base import denoising_loss
 
@@ -90,6 +79,9 @@ class RAFTConfig:
     """Save a resumable trainer state every this many rounds."""
     seed: int = 0
     """Seeds prompts, sampling noise and training noise (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each gradient step's batches go through the model in K equal micro-batches whose gradients
+    add up (the same step, a K-th of the activations; see ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         for name in (
@@ -106,6 +98,8 @@ class RAFTConfig:
         if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
             raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
         check_lr_and_lora(self)
+        pre = self.pretrain_batch_size * (self.pretrain_weight > 0)
+        check_accumulation(self, ("batch_size", self.batch_size), ("pretrain_batch_size", pre))
 
 
 def train_raft(
@@ -134,32 +128,17 @@ def train_raft(
     with its own noise, and the gradients are averaged over ranks. The main process alone writes the
     log, checkpoints and the model; every rank resumes from the same ``out``.
     """
-    from tqdm import tqdm
-
-    out = Path(out)
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    ranks = Ranks(accelerator)
+    run = TrainingRun(backend, cfg, out, "raft", accelerator=accelerator, logger=logger)
+    ranks = run.ranks
     # before any collective: fails early on an uneven split
     mine = ranks.shard(cfg.prompts_per_round * cfg.samples_per_prompt)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
-    start, _ = load_trainer_state(out, backend, opt, ranks)
-    if ranks.is_main:
-        truncate_log(out, start)
-        logger = logger or RunLogger(out, asdict(cfg))
+    run.start()
     dev = backend.device
     K = cfg.samples_per_prompt
-    rows = []
-    bar = tqdm(
-        range(start, cfg.rounds),
-        initial=start,
-        total=cfg.rounds,
-        desc="raft",
-        unit="round",
-        disable=not progress or not ranks.is_main,
-    )
-    for rnd in bar:
+    B = cfg.batch_size
+    for rnd in run.steps(cfg.rounds, progress, unit="round"):
         g = seeded(cfg.seed, rnd)
         # the same prompts on every rank; this rank samples its share of the global set
         meta_all = [row for row in pick_rows(prompts, cfg.prompts_per_round, g) for _ in range(K)]
@@ -185,23 +164,37 @@ def train_raft(
         losses, pre_sum = [], 0.0
         if len(keep):
             for j in range(cfg.steps_per_round):
-                idx = torch.randint(len(keep), (cfg.batch_size,), generator=g).to(dev)
-                eps = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g).to(dev)
-                s = torch.rand(cfg.batch_size, generator=g).to(dev)
-                loss = denoising_loss(backend, kept_x0[idx], kept_cond.index(idx), eps, s).mean()
-                losses.append(loss.item())
-                if use_pre:
-                    pre = pretrain_losses(
-                        backend,
-                        pretrain_source,
-                        rnd * cfg.steps_per_round + j,
-                        cfg.pretrain_batch_size,
-                        g,
-                        ranks,
-                    ).mean()
-                    loss = loss + cfg.pretrain_weight * pre
-                    pre_sum += pre.item()
-                ranks.update(opt, params, loss, cfg.grad_clip)
+                idx = torch.randint(len(keep), (B,), generator=g).to(dev)
+                eps = torch.randn((B, *x0.shape[1:]), generator=g).to(dev)
+                s = torch.rand(B, generator=g).to(dev)
+                step = rnd * cfg.steps_per_round + j
+                pre = (
+                    pretrain_batch(backend, pretrain_source, step, cfg.pretrain_batch_size, g, ranks)
+                    if use_pre
+                    else None
+                )
+                parts = run.micro_batches(B)
+                pre_parts = (
+                    run.micro_batches(cfg.pretrain_batch_size, len(parts)) if use_pre else [None] * len(parts)
+                )
+                run.zero_grad()
+                step_loss = step_pre = 0.0
+                for m, pm in zip(parts, pre_parts, strict=True):
+                    i = idx[m]  # each micro-batch's losses count by its share of the batch
+                    loss = denoising_loss(backend, kept_x0[i], kept_cond.index(i), eps[m], s[m]).mean() * (
+                        len(i) / B
+                    )
+                    step_loss += loss.item()
+                    if use_pre:
+                        pre_loss = batch_losses(backend, pre, pm).mean() * (
+                            (pm.stop - pm.start) / cfg.pretrain_batch_size
+                        )
+                        loss = loss + cfg.pretrain_weight * pre_loss
+                        step_pre += pre_loss.item()
+                    run.backward(loss)
+                run.step()
+                losses.append(step_loss)
+                pre_sum += step_pre
         n_steps = max(1, len(losses))
         row = {
             **ranks.mean_scalars({"loss": sum(losses) / n_steps, "pre_loss": pre_sum / n_steps}),
@@ -210,12 +203,6 @@ def train_raft(
             "kept": float(len(keep)),
             **ranks.mean_scalars(scalar_info(info)),
         }
-        record_step(rows, row, rnd + 1, ranks, out, logger)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kept=len(keep))
-        if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
-            save_trainer_state(out, rnd + 1, backend, opt, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main:
-        logger.close()
-    save_model(backend, ranks, out, "raft", cfg)
-    return rows
+        run.record(row, rnd + 1, reward=f"{row['reward_mean']:.3f}", kept=len(keep))
+        run.checkpoint(rnd + 1)
+    return run.finish()

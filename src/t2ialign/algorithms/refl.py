@@ -21,33 +21,22 @@ degrade (the reward is easy to exploit through its gradient).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from t2ialign.algorithms._online import (
+    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
-    pretrain_losses,
+    pretrain_batch,
     scalar_info,
 )
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    call_reward,
-    check_lr_and_lora,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    seeded,
-    setup_trainable,
-    truncate_log,
-)
+from t2ialign.algorithms.common import RunLogger, call_reward, check_lr_and_lora, seeded
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.algorithms.rwr import PretrainSource
 
 PHIS = ("relu", "neg")
@@ -92,29 +81,17 @@ def draft_images(
 
 
 def draft_lv_images(
-    backend,
-    cond,
-    x1: torch.Tensor,
-    grid: torch.Tensor,
-    n: int,
-    guidance: float,
-    generator: torch.Generator,
-    shard: tuple[int, slice] | None = None,
+    backend, cond, x1: torch.Tensor, grid: torch.Tensor, noises: list[torch.Tensor], guidance: float
 ) -> torch.Tensor:
-    """DRaFT-LV's images: the chain without gradient, its x0 re-noised ``n`` times to ``grid[-2]`` and
-    denoised by one Euler step with gradient: (n * B, 3, H, W), the i-th block from the i-th noise.
-    ``shard = (global_batch, rows)``: ``x1`` holds rows ``rows`` of a global batch, and each
-    re-noising is drawn for the global batch and cut to those rows (data parallelism)."""
+    """DRaFT-LV's images: the chain without gradient, its x0 re-noised to ``grid[-2]`` once by each
+    of ``noises`` (each shaped like ``x1``) and denoised by one Euler step with gradient:
+    (len(noises) * B, 3, H, W), the i-th block from the i-th noise."""
     steps = len(grid) - 1
     with torch.no_grad():
         x0 = _euler(backend, cond, x1, grid, 0, steps, guidance)
     s = torch.full((x0.shape[0],), float(grid[-2]), device=x0.device)
     outs = []
-    for _ in range(n):
-        if shard is None:
-            eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        else:
-            eps = torch.randn((shard[0], *x0.shape[1:]), generator=generator)[shard[1]].to(x0.device)
+    for eps in noises:
         x = backend.add_noise(x0, eps, s)
         outs.append(backend.decode(_euler(backend, cond, x, grid, steps - 1, steps, guidance)))
     return torch.cat(outs)
@@ -150,6 +127,9 @@ class RewardGradConfig:
     """Save a resumable trainer state every this many steps."""
     seed: int = 0
     """Seeds prompts, noise and the stop step (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each step's prompts (and pre-training batch) go through the model in K equal micro-batches
+    whose gradients add up (the same step, a K-th of the activations; see ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         for name in ("iterations", "batch_size", "sample_steps", "checkpoint_every"):
@@ -160,6 +140,8 @@ class RewardGradConfig:
         if self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
             raise ValueError("pretrain_weight and pretrain_batch_size must be non-negative")
         check_lr_and_lora(self)
+        pre = self.pretrain_batch_size * (self.pretrain_weight > 0)
+        check_accumulation(self, ("batch_size", self.batch_size), ("pretrain_batch_size", pre))
 
 
 @dataclass
@@ -204,32 +186,15 @@ def _train_reward_gradient(
     accelerator=None,
 ) -> list[dict]:
     """The loop ReFL and DRaFT share: only the way the images are made differs."""
-    from tqdm import tqdm
-
-    out = Path(out)
     check_prompt_rows(prompts)
     use_pre = check_pretrain(cfg.pretrain_weight, cfg.pretrain_batch_size, pretrain_source)
-    ranks = Ranks(accelerator)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
-    start, _ = load_trainer_state(out, backend, opt, ranks)
-    if ranks.is_main:
-        truncate_log(out, start)
-        logger = logger or RunLogger(out, asdict(cfg))
+    run = TrainingRun(backend, cfg, out, method, accelerator=accelerator, logger=logger).start()
+    ranks = run.ranks
     batch_size = cfg.batch_size * ranks.world  # the global batch
     mine = ranks.shard(batch_size)
     dev = backend.device
     grid = backend.timesteps(cfg.sample_steps)
-    rows = []
-    bar = tqdm(
-        range(start, cfg.iterations),
-        initial=start,
-        total=cfg.iterations,
-        desc=method,
-        unit="step",
-        disable=not progress or not ranks.is_main,
-    )
-    for it in bar:
+    for it in run.steps(cfg.iterations, progress):
         g = seeded(cfg.seed, it)
         # the global batch's prompts and noise, this rank's share: any process count draws the same
         meta = pick_rows(prompts, batch_size, g)[mine]
@@ -239,48 +204,66 @@ def _train_reward_gradient(
         extra = {}
         if method == "refl":
             k = cfg.sample_steps - 1 - int(torch.randint(cfg.late_steps, (1,), generator=g))
-            images = refl_images(backend, cond, x1, grid, k, cfg.guidance)
             extra["stop_step"] = float(k)
-        elif cfg.lv_samples > 0:
-            shard = (batch_size, mine) if ranks.active else None
-            images = draft_lv_images(backend, cond, x1, grid, cfg.lv_samples, cfg.guidance, g, shard)
-            meta = meta * cfg.lv_samples
-            texts = texts * cfg.lv_samples
-        else:
-            images = draft_images(backend, cond, x1, grid, cfg.k, cfg.guidance)
-        rewards, info = call_reward(reward_fn, images, texts, meta, ranks)
-        if not rewards.requires_grad:
-            raise ValueError(
-                f"{method} needs a reward differentiable w.r.t. the pixels; reward_fn returned "
-                "rewards without gradient"
-            )
-        reward_loss = refl_phi(rewards, cfg.phi, cfg.margin).mean()
-        loss = reward_loss
-        pre_loss = 0.0
-        if use_pre:
-            pre = pretrain_losses(backend, pretrain_source, it, cfg.pretrain_batch_size, g, ranks).mean()
-            loss = loss + cfg.pretrain_weight * pre
-            pre_loss = pre.item()
-        grad_norm = ranks.update(opt, params, loss, cfg.grad_clip)
+        elif cfg.lv_samples > 0:  # DRaFT-LV's re-noisings, drawn for the global batch
+            noises = [
+                torch.randn((batch_size, *x1.shape[1:]), generator=g)[mine].to(dev)
+                for _ in range(cfg.lv_samples)
+            ]
+        pre = (
+            pretrain_batch(backend, pretrain_source, it, cfg.pretrain_batch_size, g, ranks)
+            if use_pre
+            else None
+        )
+        n = len(texts)
+        parts = run.micro_batches(n)
+        pre_parts = run.micro_batches(cfg.pretrain_batch_size, len(parts)) if use_pre else [None] * len(parts)
+        run.zero_grad()
+        sums = {"loss": 0.0, "reward_loss": 0.0, "pre_loss": 0.0}
+        info_sums: dict[str, float] = {}
+        all_rewards = []
+        for m, pm in zip(parts, pre_parts, strict=True):
+            c, share = cond.index(m), (m.stop - m.start) / n  # each micro-batch counts by its share
+            meta_m, texts_m = meta[m], texts[m]
+            if method == "refl":
+                images = refl_images(backend, c, x1[m], grid, k, cfg.guidance)
+            elif cfg.lv_samples > 0:
+                images = draft_lv_images(backend, c, x1[m], grid, [e[m] for e in noises], cfg.guidance)
+                meta_m, texts_m = meta_m * cfg.lv_samples, texts_m * cfg.lv_samples
+            else:
+                images = draft_images(backend, c, x1[m], grid, cfg.k, cfg.guidance)
+            rewards, info = call_reward(reward_fn, images, texts_m, meta_m, ranks)
+            if not rewards.requires_grad:
+                raise ValueError(
+                    f"{method} needs a reward differentiable w.r.t. the pixels; reward_fn returned "
+                    "rewards without gradient"
+                )
+            reward_loss = refl_phi(rewards, cfg.phi, cfg.margin).mean() * share
+            loss = reward_loss
+            if use_pre:
+                pre_loss = batch_losses(backend, pre, pm).mean() * (
+                    (pm.stop - pm.start) / cfg.pretrain_batch_size
+                )
+                loss = loss + cfg.pretrain_weight * pre_loss
+                sums["pre_loss"] += pre_loss.item()
+            run.backward(loss)
+            sums["loss"] += loss.item()
+            sums["reward_loss"] += reward_loss.item()
+            all_rewards.append(rewards.detach())
+            for key, v in scalar_info(info).items():
+                info_sums[key] = info_sums.get(key, 0.0) + v * share
+        grad_norm = run.step()
         row = {
-            "loss": loss.item(),
-            "reward_loss": reward_loss.item(),
-            "pre_loss": pre_loss,
-            "reward_mean": float(rewards.detach().mean()),
+            **sums,
+            "reward_mean": float(torch.cat(all_rewards).mean()),
             "grad_norm": float(grad_norm),
             **extra,
-            **scalar_info(info),
+            **info_sums,
         }
         row = ranks.mean_scalars(row)  # means over equal shards: the global batch's values
-        record_step(rows, row, it + 1, ranks, out, logger)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_trainer_state(out, it + 1, backend, opt, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main:
-        logger.close()
-    save_model(backend, ranks, out, method, cfg)
-    return rows
+        run.record(row, it + 1, reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        run.checkpoint(it + 1)
+    return run.finish()
 
 
 def train_refl(

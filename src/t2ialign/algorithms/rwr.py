@@ -12,25 +12,14 @@ data, passed in as a callable so that the trainer never sees where it comes from
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from t2ialign.algorithms.common import (
-    Ranks,
-    RunLogger,
-    check_lr_and_lora,
-    load_trainer_state,
-    make_optimizer,
-    record_step,
-    save_model,
-    save_trainer_state,
-    seeded,
-    setup_trainable,
-    truncate_log,
-)
+from t2ialign.algorithms.common import RunLogger, check_lr_and_lora, seeded
+from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.backends.base import denoising_loss
 
 
@@ -56,10 +45,15 @@ def rwr_loss_shard(
     beta: float,
     global_weight: torch.Tensor,
     world: int,
+    micro_batches: int = 1,
 ) -> torch.Tensor:
-    """One rank's share of :func:`rwr_loss` over a global batch split evenly over ``world`` ranks:
-    ``world * sum_i w_i L_i / global_weight + beta * mean_j L_pre_j``. The mean of these over ranks
-    (what averaging the gradients computes) is :func:`rwr_loss` of the global batch."""
+    """One part of :func:`rwr_loss` over a global batch split evenly over ``world`` ranks, each rank's
+    share in ``micro_batches`` equal micro-batches (gradient accumulation):
+
+        world * sum_{i in part} w_i L_i / global_weight  +  beta * mean_{j in part} L_pre_j / micro_batches
+
+    Summed over a rank's micro-batches and averaged over ranks (what accumulating and then averaging
+    the gradients computes), these are :func:`rwr_loss` of the global batch."""
     weighted = (
         (weights * model_losses).sum() * world / global_weight
         if global_weight > 0
@@ -67,7 +61,7 @@ def rwr_loss_shard(
     )
     if pre_losses is None or beta == 0:
         return weighted
-    return weighted + beta * pre_losses.mean()
+    return weighted + beta * pre_losses.mean() / micro_batches
 
 
 @dataclass
@@ -97,6 +91,10 @@ class RWRConfig:
     """Save a resumable trainer state every this many steps."""
     seed: int = 0
     """Seeds the batch composition and the noise (resume draws the same)."""
+    gradient_accumulation_steps: int = 1
+    """K: each step's batches (``batch_size``, ``pretrain_batch_size``) go through the model in K equal
+    micro-batches whose gradients add up (the same step, a K-th of the activations; see
+    ``t2ialign.algorithms.run``)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.pretrain_batch_size < 0:
@@ -108,6 +106,11 @@ class RWRConfig:
         check_lr_and_lora(self)
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        check_accumulation(
+            self,
+            ("batch_size", self.batch_size),
+            ("pretrain_batch_size", self.pretrain_batch_size * (self.beta > 0)),
+        )
 
 
 @dataclass
@@ -156,24 +159,16 @@ def train_rwr(
     batch. The main process alone writes the log, checkpoints and the model; all ranks resume from
     the same ``out`` (a changed process count resumes too, with the new global batch).
     """
-    from tqdm import tqdm
-
-    out = Path(out)
     if cfg.beta > 0 and cfg.pretrain_batch_size > 0 and pretrain_source is None:
         raise ValueError("beta > 0 needs pre-training data (pretrain_source), or set beta = 0")
     if len(labelled) == 0 and (pseudo is None or len(pseudo) == 0):
         raise ValueError("no model samples to train on")
-    ranks = Ranks(accelerator)
-    params = setup_trainable(backend, cfg.lora_rank, cfg.lora_alpha, ranks)
-    opt = make_optimizer(backend, params, ranks, cfg.lr, 0.0, cfg.grad_clip)
-    start, extra = load_trainer_state(out, backend, opt, ranks)
-    if extra.get("ema"):  # full tensors: under FSDP, cut into this rank's shards
-        ema = [ranks.local_like(e, p) for e, p in zip(extra["ema"], params, strict=True)]
+    run = TrainingRun(backend, cfg, out, "rwr", accelerator=accelerator, logger=logger).start()
+    ranks, params = run.ranks, run.params
+    if run.extra.get("ema"):  # full tensors: under FSDP, cut into this rank's shards
+        ema = [ranks.local_like(e, p) for e, p in zip(run.extra["ema"], params, strict=True)]
     else:
         ema = [p.detach().clone() for p in params]
-    if ranks.is_main:
-        truncate_log(out, start)
-        logger = logger or RunLogger(out, asdict(cfg))
     batch_size = cfg.batch_size * ranks.world  # the global batch
     pre_batch_size = cfg.pretrain_batch_size * ranks.world
     n_pseudo = 0 if pseudo is None or len(pseudo) == 0 else round(batch_size * cfg.pseudo_fraction)
@@ -181,17 +176,9 @@ def train_rwr(
     if n_lab == 0 and n_pseudo == 0:
         n_pseudo = batch_size
     mine = ranks.shard(batch_size)
+    use_pre = cfg.beta > 0 and cfg.pretrain_batch_size > 0
     dev = backend.device
-    rows = []
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        desc="rwr",
-        unit="step",
-        disable=not progress or not ranks.is_main,
-    )
-    for k in bar:
+    for k in run.steps(cfg.steps, progress):
         g = seeded(cfg.seed, k)
         rng = np.random.default_rng([cfg.seed, k])
         parts = []
@@ -206,43 +193,52 @@ def train_rwr(
         # the noise of the global batch, this rank's share: any process count draws the same
         eps = torch.randn((batch_size, *x0.shape[1:]), generator=g)[mine].to(dev)
         s = torch.rand(batch_size, generator=g)[mine].to(dev)
-        model_losses = denoising_loss(backend, x0, backend.encode(prompts), eps, s)
-        pre_losses = None
-        if cfg.beta > 0 and cfg.pretrain_batch_size > 0:
+        cond = backend.encode(prompts)
+        if use_pre:
             pmine = ranks.shard(pre_batch_size)
             pimgs, pprompts = pretrain_source(k, pre_batch_size)
             px0 = backend.encode_images(pimgs[pmine].to(dev))
             peps = torch.randn((pre_batch_size, *px0.shape[1:]), generator=g)[pmine].to(dev)
             ps = torch.rand(pre_batch_size, generator=g)[pmine].to(dev)
-            pre_losses = denoising_loss(backend, px0, backend.encode(list(pprompts)[pmine]), peps, ps)
-        if ranks.active:
-            loss = rwr_loss_shard(model_losses, w, pre_losses, cfg.beta, ranks.all_sum(w.sum()), ranks.world)
-        else:
-            loss = rwr_loss(model_losses, w, pre_losses, cfg.beta)
-        ranks.update(opt, params, loss, cfg.grad_clip)
+            pcond = backend.encode(list(pprompts)[pmine])
+        K = run.accumulation
+        split = ranks.active or K > 1
+        total_weight = ranks.all_sum(w.sum()) if split else None
+        run.zero_grad()
+        loss_sum, model_parts, pre_parts = 0.0, [], []
+        micro = run.micro_batches(len(w))
+        pre_micro = run.micro_batches(len(px0)) if use_pre else [None] * len(micro)
+        for m, pm in zip(micro, pre_micro, strict=True):
+            model_losses = denoising_loss(backend, x0[m], cond.index(m), eps[m], s[m])
+            pre_losses = None
+            if use_pre:
+                pre_losses = denoising_loss(backend, px0[pm], pcond.index(pm), peps[pm], ps[pm])
+                pre_parts.append(pre_losses.detach())
+            if split:
+                loss = rwr_loss_shard(model_losses, w[m], pre_losses, cfg.beta, total_weight, ranks.world, K)
+            else:
+                loss = rwr_loss(model_losses, w[m], pre_losses, cfg.beta)
+            run.backward(loss)
+            loss_sum += loss.item()
+            model_parts.append(model_losses.detach())
+        run.step()
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 pe.lerp_(p.detach(), 1.0 - cfg.ema)
-        ml = model_losses.detach()
+        ml = torch.cat(model_parts)
         row = {
-            "loss": loss.item(),
+            "loss": loss_sum,
             "model_loss": float((w * ml).sum() / w.sum().clamp(min=1e-8)),
-            "pre_loss": float(pre_losses.detach().mean()) if pre_losses is not None else 0.0,
+            "pre_loss": float(torch.cat(pre_parts).mean()) if pre_parts else 0.0,
             "mean_weight": float(w.mean()),
         }
         if ranks.active:  # the global batch's values (equal shards: means of the ranks' means)
             wl, ws = ranks.all_sum(torch.stack([(w * ml).sum(), w.sum()])).tolist()
             row = {**ranks.mean_scalars(row), "model_loss": wl / max(ws, 1e-8)}
-        record_step(rows, row, k + 1, ranks, out, logger)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if (k + 1) % cfg.checkpoint_every == 0 or k + 1 == cfg.steps:
-            save_trainer_state(out, k + 1, backend, opt, extra={"ema": ema}, ranks=ranks)
-            ranks.wait()
-    if ranks.is_main:
-        logger.close()
+        run.record(row, k + 1, loss=f"{row['loss']:.4f}")
+        run.checkpoint(k + 1, extra={"ema": ema})
     if cfg.ema > 0:
         with torch.no_grad():
             for pe, p in zip(ema, params, strict=True):
                 p.copy_(pe)
-    save_model(backend, ranks, out, "rwr", cfg)
-    return rows
+    return run.finish()

@@ -149,6 +149,67 @@ def apply_overrides(cfg, items: list[str]):
     return dataclasses.replace(cfg, **changes)
 
 
+def method_config(method: str, overrides: list[str] | None = None):
+    """METHOD's config dataclass with ``FIELD=VALUE`` overrides (its defaults without)."""
+    mod_name, cfg_name, _, _ = METHODS[method]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"method {method!r} is not available in this build ({e})") from None
+    return apply_overrides(getattr(mod, cfg_name)(), list(overrides or []))
+
+
+def check_launch(cfg, accelerator, dtype: str | None = None) -> None:
+    """Before any model loads: the config's gradient accumulation against the launch's, and the
+    launcher's ``--mixed_precision`` against the model's ``--dtype`` (see ``algorithms.run``)."""
+    from t2ialign.algorithms.run import check_mixed_precision, resolve_accumulation
+
+    resolve_accumulation(cfg.gradient_accumulation_steps, accelerator)
+    if dtype is not None:
+        from t2ialign.backends.loader import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        check_mixed_precision(accelerator, DTYPES[dtype])
+    else:  # the embedded model trains in float32
+        check_mixed_precision(accelerator, None)
+
+
+def train_method(
+    method: str,
+    backend,
+    cfg,
+    out,
+    *,
+    reward_fn=None,
+    prompts: list[dict] | None = None,
+    labelled=None,
+    pseudo=None,
+    pairs=None,
+    pretrain_source=None,
+    accelerator=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``backend`` with METHOD: the one entry point from a method's name to its trainer, for
+    the CLI and the benchmarks. What a method needs: ``labelled`` (and ``pseudo``) samples for RWR,
+    ``pairs`` for DPO, ``reward_fn`` and ``prompts`` for the online methods; ``pretrain_source``
+    goes to every trainer with a pre-training term. Returns the trainer's log rows."""
+    mod_name, _, fn_name, needs = METHODS[method]
+    train = getattr(importlib.import_module(mod_name), fn_name)
+    kwargs = {"progress": progress}
+    if accelerator is not None:
+        if "accelerator" not in inspect.signature(train).parameters:
+            raise ValueError(f"method {method!r} does not train data-parallel (no accelerator support)")
+        kwargs["accelerator"] = accelerator
+    if needs == "project":
+        return train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pretrain_source, **kwargs)
+    if needs == "pairs":
+        return train(backend, pairs, cfg, out, **kwargs)
+    if "pretrain_source" in inspect.signature(train).parameters:
+        kwargs["pretrain_source"] = pretrain_source
+    return train(backend, reward_fn, prompts, cfg, out, **kwargs)
+
+
 def build_reward(text: str | None):
     """REWARD string -> reward_fn(images, prompts, metadata) -> (rewards, info)."""
     from t2ialign.reward import rewards as R
@@ -231,12 +292,8 @@ def cmd_finetune(args) -> int:
     from t2ialign.backends import ShapesBackend
     from t2ialign.models import load_generator
 
-    mod_name, cfg_name, fn_name, needs = METHODS[args.method]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise ValueError(f"method {args.method!r} is not available in this build ({e})") from None
-    cfg = getattr(mod, cfg_name)()
+    needs = METHODS[args.method][3]
+    cfg = method_config(args.method)
     overrides = list(args.set)
     if args.iterations is not None:
         field = next((f for f in ITERATION_FIELDS if hasattr(cfg, f)), None)
@@ -246,14 +303,10 @@ def cmd_finetune(args) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = apply_overrides(cfg, overrides)
-    train = getattr(mod, fn_name)
     accelerator = launch_accelerator(check_device(args.device))
+    check_launch(cfg, accelerator, args.dtype if args.model is not None else None)
     device = args.device
-    kwargs = {}
     if accelerator is not None:
-        if "accelerator" not in inspect.signature(train).parameters:
-            raise ValueError(f"method {args.method!r} does not train data-parallel (no accelerator support)")
-        kwargs["accelerator"] = accelerator
         device = accelerator.device
         if accelerator.is_main_process:
             fsdp = str(accelerator.distributed_type.value) == "FSDP"
@@ -261,6 +314,7 @@ def cmd_finetune(args) -> int:
             n = accelerator.num_processes
             print(f"{args.method}: data-parallel over {n} processes ({device.type}, {how})")
     is_main = accelerator is None or accelerator.is_main_process
+    run = dict(accelerator=accelerator)
     pf = _prompt_file(args.prompts, args.reward) if needs == "reward" else None
     if args.model is None:
         backend = ShapesBackend(load_generator(device=device if device is not None else "cpu"))
@@ -298,7 +352,9 @@ def cmd_finetune(args) -> int:
             )
         if pre is None and cfg.beta > 0:
             raise ValueError("this model has no built-in pre-training data: add --set beta=0")
-        train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pre, **kwargs)
+        train_method(
+            args.method, backend, cfg, out, labelled=labelled, pseudo=pseudo, pretrain_source=pre, **run
+        )
     elif needs == "pairs":
         from t2ialign.feedback import FeedbackStore
         from t2ialign.pipeline import pairs_from_store
@@ -308,17 +364,18 @@ def cmd_finetune(args) -> int:
         pairs = pairs_from_store(
             FeedbackStore.open(args.project), simulated=False if args.humans_only else None
         )
-        train(backend, pairs, cfg, out, **kwargs)
+        train_method(args.method, backend, cfg, out, pairs=pairs, **run)
     else:
-        if "pretrain_source" in train.__code__.co_varnames:
-            kwargs["pretrain_source"] = pre
         from t2ialign.cli.inputs import check_prompts_for
         from t2ialign.world.suites import suite
 
         if pf is not None:
             check_prompts_for(pf, backend, args.long_prompts)
         rows = pf.rows if pf is not None else suite("seen")
-        train(backend, build_reward(args.reward), rows, cfg, out, **kwargs)
+        reward_fn = build_reward(args.reward)
+        train_method(
+            args.method, backend, cfg, out, reward_fn=reward_fn, prompts=rows, pretrain_source=pre, **run
+        )
     finish_accelerator(accelerator)
     if is_main:
         print(f"saved the fine-tuned generator to {out}; sample it with: t2ialign sample --model {out} ...")
