@@ -146,15 +146,17 @@ def train(args, backend, accelerator, world: int) -> tuple[list[dict], int]:
     cfg = config_for(args)
     needs = METHODS[args.method][3]
     data = {}
+    x, prompts, _ = world_batch(3, 0, args.data)
+    side = getattr(backend, "resolution", None)  # a diffusers pipeline's side: resize the renders
+    if side is not None and x.shape[-1] != side:
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True).clamp(0, 1)
     if needs == "project":
         from t2ialign.algorithms.rwr import WeightedSamples
 
-        x, prompts, _ = world_batch(3, 0, args.data)
         data["labelled"] = WeightedSamples(x, prompts, torch.linspace(0.0, 1.0, args.data))
     elif needs == "pairs":
         from t2ialign.algorithms.dpo import PairSamples
 
-        x, prompts, _ = world_batch(3, 0, args.data)
         data["pairs"] = PairSamples(x, x[:, [1, 2, 0]], prompts)  # the loser: the winner in wrong colours
     else:
         data.update(reward_fn=red_reward, prompts=PROMPTS)

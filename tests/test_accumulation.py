@@ -220,3 +220,14 @@ def test_micro_batches_split_evenly_and_never_empty():
     assert run.micro_batches(8, parts=2) == [slice(0, 4), slice(4, 8)]
     run.accumulation = 1
     assert run.micro_batches(5) == [slice(0, 5)]
+
+
+def test_memory_benchmark_shows_the_activations_divided(tmp_path):
+    """benchmarks/accumulation_memory.py on a tiny SD3: 4 micro-batches hold about a quarter of the
+    activations of one batch."""
+    import accumulation_memory
+
+    rows = accumulation_memory.main(["--out", str(tmp_path), "--methods", "rwr", "--batch", "16"])
+    one, four = rows
+    assert one["activations_mb"] > 0 and four["accumulation"] == 4
+    assert 0.2 < four["ratio"] < 0.35, rows
