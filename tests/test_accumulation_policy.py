@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import t2ialign.algorithms.run as run_module
+from accelerate_helpers import accelerate_train
 from t2ialign.algorithms.ddpo import DDPOConfig, train_ddpo
 from t2ialign.algorithms.grpo import GRPOConfig, train_grpo
 from t2ialign.algorithms.mixgrpo import MixGRPOConfig, train_mixgrpo
-from t2ialign.backends import ShapesBackend
-from t2ialign.models import build_generator
 
 ROWS = [{"prompt": "a red circle", "task": "colors"}, {"prompt": "two blue squares", "task": "counting"}]
 LOGGED = ("loss", "policy_loss", "clip_frac", "approx_kl", "kl", "grad_norm", "reward_mean", "reward_std")
@@ -33,14 +32,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _tiny_backend(seed: int = 0) -> ShapesBackend:
-    g = build_generator("tiny", seed=seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():  # zero-initialised convs (output, residual) would block the gradients
-        for p in g.unet.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return ShapesBackend(g)
+tiny_backend = accelerate_train.tiny_backend
 
 
 def _red(images, prompts, metadata):
@@ -50,7 +42,7 @@ def _red(images, prompts, metadata):
 def _train(train, cfg, out, k: int):
     """Train a fresh tiny backend with ``cfg`` at accumulation ``k``: (trainable weights, the last
     step's gradients, log rows, the largest change of a denoiser weight, LoRA merged)."""
-    backend = _tiny_backend()
+    backend = tiny_backend()
     base = {n: v.clone() for n, v in backend.gen.unet.state_dict().items()}
     cfg = dataclasses.replace(cfg, gradient_accumulation_steps=k)
     rows = train(backend, _red, ROWS, cfg, out, progress=False)
@@ -155,7 +147,7 @@ def test_accumulation_with_the_trainers_adamw(case, tmp_path):
     train, cfg, k = CASES[case]
     n = 8
     cfg = dataclasses.replace(cfg, iterations=1, inner_epochs=1, minibatch_size=n, lr=1e-3)
-    before = _tiny_backend().state_dict_trainable()
+    before = tiny_backend().state_dict_trainable()
     p1, g1, rows1, _ = _train(train, cfg, tmp_path / "k1", 1)
     pk, gk, rows_k, _ = _train(train, cfg, tmp_path / f"k{k}", k)
     scale = max(float(g.abs().max()) for g in g1.values())

@@ -103,21 +103,10 @@ def pretrain_batch(
     return x0, backend.encode(list(texts)[mine]), eps, s
 
 
-def pretrain_losses(
-    backend,
-    pretrain_source,
-    step: int,
-    batch_size: int,
-    generator: torch.Generator,
-    ranks: Ranks | None = None,
-) -> torch.Tensor:
-    """The denoising loss (B,) on :func:`pretrain_batch`."""
-    return denoising_loss(
-        backend, *pretrain_batch(backend, pretrain_source, step, batch_size, generator, ranks)
-    )
-
-
-def batch_losses(backend, batch, part: slice) -> torch.Tensor:
-    """The denoising loss on the rows ``part`` of a :func:`pretrain_batch` (a micro-batch)."""
+def pretrain_part(backend, batch, part: slice) -> torch.Tensor:
+    """The mean denoising loss on the rows ``part`` of a :func:`pretrain_batch`, times the part's
+    share of the batch: summed over a step's micro-batches, the batch's mean (the whole batch when
+    ``part`` is all of it)."""
     x0, cond, eps, s = batch
-    return denoising_loss(backend, x0[part], cond.index(part), eps[part], s[part])
+    share = (part.stop - part.start) / x0.shape[0]
+    return denoising_loss(backend, x0[part], cond.index(part), eps[part], s[part]).mean() * share

@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 
 from t2ialign.algorithms._online import (
-    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
     pretrain_batch,
+    pretrain_part,
     sample_latents,
     scalar_info,
     swapped_weights,
@@ -327,9 +327,7 @@ def train_nft(
                         loss = loss + cfg.kl_weight * kl
                         sums["kl"] += kl.item()
                     if use_pre:
-                        pre_loss = batch_losses(backend, pre, pm).mean() * (
-                            (pm.stop - pm.start) / cfg.pretrain_batch_size
-                        )
+                        pre_loss = pretrain_part(backend, pre, pm)
                         loss = loss + cfg.pretrain_weight * pre_loss
                         sums["pre_loss"] += pre_loss.item()
                     run.backward(loss)

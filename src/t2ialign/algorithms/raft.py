@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from t2ialign.algorithms._online import (
-    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
     pretrain_batch,
+    pretrain_part,
     sample_latents,
     scalar_info,
 )
@@ -186,9 +186,7 @@ def train_raft(
                     )
                     step_loss += loss.item()
                     if use_pre:
-                        pre_loss = batch_losses(backend, pre, pm).mean() * (
-                            (pm.stop - pm.start) / cfg.pretrain_batch_size
-                        )
+                        pre_loss = pretrain_part(backend, pre, pm)
                         loss = loss + cfg.pretrain_weight * pre_loss
                         step_pre += pre_loss.item()
                     run.backward(loss)

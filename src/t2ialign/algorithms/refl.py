@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from t2ialign.algorithms._online import (
-    batch_losses,
     check_pretrain,
     check_prompt_rows,
     pick_rows,
     pretrain_batch,
+    pretrain_part,
     scalar_info,
 )
 from t2ialign.algorithms.common import RunLogger, call_reward, check_lr_and_lora, seeded
@@ -241,9 +241,7 @@ def _train_reward_gradient(
             reward_loss = refl_phi(rewards, cfg.phi, cfg.margin).mean() * share
             loss = reward_loss
             if use_pre:
-                pre_loss = batch_losses(backend, pre, pm).mean() * (
-                    (pm.stop - pm.start) / cfg.pretrain_batch_size
-                )
+                pre_loss = pretrain_part(backend, pre, pm)
                 loss = loss + cfg.pretrain_weight * pre_loss
                 sums["pre_loss"] += pre_loss.item()
             run.backward(loss)
