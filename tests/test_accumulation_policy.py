@@ -16,6 +16,7 @@ import torch
 
 import t2ialign.algorithms.run as run_module
 from accelerate_helpers import accelerate_train
+from model_helpers import one_thread
 from t2ialign.algorithms.ddpo import DDPOConfig, train_ddpo
 from t2ialign.algorithms.grpo import GRPOConfig, train_grpo
 from t2ialign.algorithms.mixgrpo import MixGRPOConfig, train_mixgrpo
@@ -25,11 +26,9 @@ LOGGED = ("loss", "policy_loss", "clip_frac", "approx_kl", "kl", "grad_norm", "r
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 tiny_backend = accelerate_train.tiny_backend
@@ -175,8 +174,6 @@ FLAG = "--gradient-accumulation-steps"
 
 
 def _script_has_flag() -> bool:
-    from accelerate_helpers import accelerate_train
-
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
         accelerate_train.main(["--help"])

@@ -268,13 +268,6 @@ class Ranks:
         optimizer.step()
         return float(norm)
 
-    def update(self, optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, grad_clip: float):
-        """One optimiser step on one loss: clear the gradients, :meth:`backward`, :meth:`step`;
-        returns the gradient norm (a float) before clipping."""
-        optimizer.zero_grad(set_to_none=True)
-        self.backward(loss)
-        return self.step(optimizer, params, grad_clip)
-
     def save_zero_partition(self, out, optimizer, step: int) -> dict:
         """Write this rank's ZeRO optimiser partition to ``out/zero_optimizer/step{step}/`` and wait
         for every rank (all call it, before the main process replaces the checkpoint, which then

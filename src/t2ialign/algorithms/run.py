@@ -137,6 +137,7 @@ class TrainingRun:
         self.extra: dict = {}  # what the resumed checkpoint's method stored beside the weights
         self.rows: list[dict] = []
         self.bar = None
+        self.total: int | None = None  # the last step, set by :meth:`steps`
         self.grad_norm = float("nan")
 
     # ---- start ---------------------------------------------------------------------------------
@@ -203,12 +204,6 @@ class TrainingRun:
         returns the gradient norm before clipping."""
         self.grad_norm = self.ranks.step(self.opt, self.params, self.cfg.grad_clip)
         return self.grad_norm
-
-    def update(self, loss: torch.Tensor) -> float:
-        """One optimiser step on one loss (no accumulation): zero, backward, step."""
-        self.zero_grad()
-        self.backward(loss)
-        return self.step()
 
     # ---- bookkeeping ---------------------------------------------------------------------------
 

@@ -57,6 +57,13 @@ def _has_weights(d: Path) -> bool:
     return any(d.glob("*.safetensors")) or any(d.glob("*.bin")) or any(d.glob("*.safetensors.index.json"))
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """``--dtype NAME`` (float32, bf16, fp16, ...) as a torch dtype; a clear error for another name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def _dtype_kwarg() -> str:
     """``dtype`` in recent diffusers, ``torch_dtype`` (deprecated there) in older ones."""
     try:
@@ -186,9 +193,7 @@ def load_backend(
     import diffusers
 
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        dtype = parse_dtype(dtype)
     kw = {_dtype_kwarg(): dtype, "local_files_only": True}
     if family == "sd":
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

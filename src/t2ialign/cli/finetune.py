@@ -166,11 +166,9 @@ def check_launch(cfg, accelerator, dtype: str | None = None) -> None:
 
     resolve_accumulation(cfg.gradient_accumulation_steps, accelerator)
     if dtype is not None:
-        from t2ialign.backends.loader import DTYPES
+        from t2ialign.backends.loader import parse_dtype
 
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        check_mixed_precision(accelerator, DTYPES[dtype])
+        check_mixed_precision(accelerator, parse_dtype(dtype))
     else:  # the embedded model trains in float32
         check_mixed_precision(accelerator, None)
 
