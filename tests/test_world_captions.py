@@ -26,6 +26,7 @@ from t2ialign.world.captions import (
 from t2ialign.world.grammar import parse, to_prompt
 from t2ialign.world.scene import random_spec
 from t2ialign.world.spec import ObjectSpec, Spec
+from t2ialign.world.suites import colour_swap
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "t2ialign"
 
@@ -75,14 +76,8 @@ def test_measured_error_rates_match_the_config_within_one_point(noise):
     got["position"] = _balanced(pos, noise, n // 50)["position"]
     bg = [random_spec(rng, "background") for _ in range(50)]
     got["background"] = _balanced(bg, noise, n // 50)["background"]
-    want = {f"count_{k}": 1 - r for k, r in enumerate(noise.count_wrong, 1)}
-    want |= {
-        "color": 1 - noise.color_wrong,
-        "color_binding": 1 - noise.color_swap,
-        "shape": 1 - noise.shape_wrong,
-        "position": 1 - noise.relation_wrong,
-        "background": 1 - noise.background_wrong,
-    }
+    want = noise.configured_accuracy()
+    assert set(want) <= set(got)
     for attr, w in want.items():
         g = got[attr]["accuracy"] if isinstance(got[attr], dict) else got[attr]
         assert abs(g - w) <= 0.01, (attr, g, w)
@@ -90,7 +85,48 @@ def test_measured_error_rates_match_the_config_within_one_point(noise):
 
 def test_web_counts_are_wrong_more_often_for_larger_counts_and_shapes_rarely():
     assert list(WEB.count_wrong) == sorted(WEB.count_wrong)
-    assert WEB.shape_wrong < WEB.color_wrong < WEB.background_wrong < WEB.relation_wrong
+    assert WEB.shape_wrong < WEB.color_wrong < WEB.background_wrong < WEB.relation_wrong + WEB.relation_mirror
+
+
+def _true_given_caption(specs: list[Spec], noise: CaptionNoise, key, reps: int = 4000) -> dict:
+    """For captions of a balanced set of scenes: how often each true value lies behind each stated
+    value of ``key(spec)`` (caption value -> true value -> count)."""
+    crng = np.random.default_rng(11)
+    table: dict = {}
+    for s in specs * reps:
+        c = caption_spec(s, noise, crng)
+        row = table.setdefault(key(c), {})
+        row[key(s)] = row.get(key(s), 0) + 1
+    return table
+
+
+def test_web_errors_are_biased_so_that_guidance_does_not_undo_them():
+    """The biased errors of WEB: the true scene is *not* the most frequent behind these captions, so a
+    model that follows the caption's likelihood draws the wrong scene (the module docstring)."""
+    counts = _true_given_caption(
+        [Spec((ObjectSpec("circle", n, "red"),)) for n in range(1, 5)], WEB, lambda s: s.objects[0].count
+    )
+    for stated in (3, 4):
+        assert max(counts[stated], key=counts[stated].get) != stated, counts[stated]
+    for stated in (1, 2):  # one and two objects are still captioned truly most often
+        assert max(counts[stated], key=counts[stated].get) == stated, counts[stated]
+    pair = Spec((ObjectSpec("circle", 1, "red"), ObjectSpec("square", 1, "blue")))
+    binding = _true_given_caption([pair, colour_swap(pair)], WEB, lambda s: s.objects[0].color)
+    assert binding["red"]["blue"] > binding["red"]["red"]
+    rel = _true_given_caption(
+        [Spec(pair.objects, relation=r) for r in ("left of", "right of", "above", "below")],
+        WEB,
+        lambda s: s.relation,
+    )
+    assert max(rel["left of"], key=rel["left of"].get) == "right of"
+    assert max(rel["above"], key=rel["above"].get) == "below"
+    # the symmetric errors keep the truth the most frequent
+    bgs = _true_given_caption(
+        [Spec((ObjectSpec("circle"),), background=b) for b in ("black", "white", "gray", "brown")],
+        WEB,
+        lambda s: s.background,
+    )
+    assert all(max(row, key=row.get) == b for b, row in bgs.items())
 
 
 def test_exact_reproduces_the_captions_of_the_stream_before_the_captioner():
@@ -118,6 +154,10 @@ def test_bad_input_names_the_field():
         replace(WEB, relation_wrong=-0.1)
     with pytest.raises(ValueError, match="count_wrong"):
         CaptionNoise(count_wrong=(0.1, 0.2))
+    with pytest.raises(ValueError, match="count_up"):
+        replace(WEB, count_up=1.2)
+    with pytest.raises(ValueError, match="relation_mirror \\+ relation_wrong must be at most 1"):
+        replace(WEB, relation_mirror=0.6, relation_wrong=0.5)
     with pytest.raises(ValueError, match="count_wrong"):
         CaptionNoise(count_wrong=(0.1, 0.2, 0.3, 2.0))
     with pytest.raises(ValueError, match="unknown caption preset"):
@@ -133,6 +173,10 @@ def test_resuming_with_other_captions_is_refused(tmp_path):
     with pytest.raises(ValueError, match="trained on 'exact' captions"):  # runs before the captioner
         check_resumed_captions({"steps": 10}, "web", tmp_path / "checkpoint.pt")
     check_resumed_captions({"captions": "web"}, "web", tmp_path / "checkpoint.pt")
+    check_resumed_captions({"captions": "web"}, "web", tmp_path / "checkpoint.pt", WEB.to_dict())
+    old = {**WEB.to_dict(), "color_swap": 0.45}  # the web preset's rates changed since
+    with pytest.raises(ValueError, match="other rates than the preset has today.*color_swap"):
+        check_resumed_captions({"captions": "web"}, "web", tmp_path / "checkpoint.pt", old)
 
 
 def test_generator_resume_refuses_other_captions(tmp_path):

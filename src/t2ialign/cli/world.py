@@ -187,16 +187,7 @@ def cmd_captions(args) -> int:
         spec = random_spec(rng)
         pairs.append((spec, caption_spec(spec, noise, crng)))
     acc = caption_accuracy(pairs)
-    rate = noise.to_dict()
-    configured = {
-        "count": None,
-        **{f"count_{n}": 1 - r for n, r in enumerate(noise.count_wrong, 1)},
-        "color": 1 - rate["color_wrong"],
-        "color_binding": 1 - rate["color_swap"],
-        "shape": 1 - rate["shape_wrong"],
-        "position": 1 - rate["relation_wrong"],
-        "background": 1 - rate["background_wrong"],
-    }
+    configured = noise.configured_accuracy()
     rows = [
         [a, f"{v['accuracy']:.3f}", "-" if configured.get(a) is None else f"{configured[a]:.3f}", v["n"]]
         for a, v in acc.items()

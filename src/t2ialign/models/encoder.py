@@ -275,7 +275,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     start, wall, losses = 0, 0.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        check_resumed_captions(ck.get("config", {}), cfg.captions, ckpt_path)
+        check_resumed_captions(ck.get("config", {}), cfg.captions, ckpt_path, ck.get("caption_noise"))
         if "config" in ck and ck["config"] != asdict(cfg):
             saved = {**asdict(EncoderTrainConfig()), **ck["config"]}  # options newer than it: defaults
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
@@ -339,6 +339,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
                     "model": model.state_dict(),
                     "opt": opt.state_dict(),
                     "config": asdict(cfg),
+                    "caption_noise": caption_preset(cfg.captions).to_dict(),
                     "wall": wall,
                     "losses": losses,
                 },

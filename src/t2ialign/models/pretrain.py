@@ -84,15 +84,26 @@ def world_batch(
     return x, prompts, specs
 
 
-def check_resumed_captions(saved_config: dict, captions: str, ckpt_path: Path) -> None:
+def check_resumed_captions(
+    saved_config: dict, captions: str, ckpt_path: Path, saved_noise: dict | None = None
+) -> None:
     """Refuse to resume a checkpoint trained on other captions than this run asks for (runs from
-    before the captioner saved no ``captions`` and were trained on exact captions)."""
+    before the captioner saved no ``captions`` and were trained on exact captions). ``saved_noise``,
+    the rates the checkpoint was trained with (saved since the presets' rates can change), must
+    equal the preset's rates today."""
     saved = saved_config.get("captions", "exact")
     if saved != captions:
         raise ValueError(
             f"{ckpt_path} was trained on {saved!r} captions and this run asks for {captions!r}: a model "
             f"pre-trained on one caption corpus does not continue on another; pass --captions {saved} "
             "to resume it, or use another --out"
+        )
+    now = caption_preset(captions).to_dict()
+    if saved_noise is not None and saved_noise != now:
+        diff = {k: (saved_noise.get(k), v) for k, v in now.items() if saved_noise.get(k) != v}
+        raise ValueError(
+            f"{ckpt_path} was trained on {captions!r} captions of other rates than the preset has "
+            f"today {diff} (saved, now): the preset changed since; use another --out"
         )
 
 
@@ -142,7 +153,7 @@ def pretrain(
     losses: list[float] = []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        check_resumed_captions(ck["config"], cfg.captions, ckpt_path)
+        check_resumed_captions(ck["config"], cfg.captions, ckpt_path, ck.get("caption_noise"))
         saved = {"captions": "exact", **ck["config"]}  # runs from before the captioner: exact captions
         if saved != asdict(cfg):
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
@@ -167,6 +178,7 @@ def pretrain(
                 "ema": ema.state_dict(),
                 "opt": opt.state_dict(),
                 "config": asdict(cfg),
+                "caption_noise": caption_preset(cfg.captions).to_dict(),
                 "wall": wall,
                 "losses": losses,
             },
