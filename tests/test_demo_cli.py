@@ -85,6 +85,63 @@ def test_demo_quick_end_to_end(tmp_path, tiny_models):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+def test_demo_rounds_keep_every_label_and_resume(tmp_path, tiny_models):
+    """``demo --quick --rounds 2 --select uncertain``: round 2 labels new images of round 1's model
+    (chosen from a 3x pool by the reward's uncertainty), the reward and the fine-tuning see every
+    label so far; a round killed after its fine-tuning resumes to the same result without labelling
+    anything twice; ``--resume --rounds 3`` adds a round; other settings are refused."""
+    from t2ialign.feedback import FeedbackStore
+
+    gen, enc = tiny_models
+    out = tmp_path / "demo"
+    common = ("--quick", "--model", gen, "--encoder", enc, "--out", out, "--prompts-per-task", 1)
+    _cli("demo", *common, "--sample-steps", 2, "--rounds", 2, "--select", "uncertain")
+    res = json.loads((out / "results.json").read_text())
+    r1, r2 = res["rounds"]
+    n = r1["feedback"]["sent"]
+    assert r1["feedback"] == {"generated": n, "sent": n, "labels": n, "select": "random"}
+    assert r2["feedback"] == {"generated": 3 * n, "sent": n, "labels": n, "select": "uncertain"}
+    assert (r1["labelled_images"], r2["labelled_images"]) == (n, 2 * n)
+    assert (
+        r2["model"] == str(out / "round2" / "rwr")
+        and res["tuned_model"] == load_generator(out / "round2" / "rwr").model_id
+    )
+    assert "Relabelling rounds" in (out / "report.md").read_text()
+    with FeedbackStore.open(out / "feedback") as store:
+        assert len(store.label_rows()) == 2 * n
+    # killed after round 2's fine-tuning, before its record: resumes to the same result
+    (out / "round2" / "round.json").unlink()
+    (out / "results.json").unlink()
+    _cli("demo", *common, "--sample-steps", 2, "--rounds", 2, "--select", "uncertain", "--resume")
+    again = json.loads((out / "results.json").read_text())
+    assert again["rounds"][1]["feedback"]["labels"] == 0  # its images were labelled before the kill
+    again["rounds"][1]["feedback"]["labels"] = n
+    assert again["rounds"] == res["rounds"] and again["after"] == res["after"]
+    with FeedbackStore.open(out / "feedback") as store:
+        assert len(store.label_rows()) == 2 * n  # nothing labelled twice, nothing lost
+    _cli("demo", *common, "--sample-steps", 2, "--rounds", 3, "--select", "uncertain", "--resume")
+    assert [r["labelled_images"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [
+        n,
+        2 * n,
+        3 * n,
+    ]
+    p = _cli("demo", *common, "--sample-steps", 3, "--rounds", 3, "--resume", check=False)
+    assert p.returncode == 2 and "other settings" in p.stderr and "sample_steps" in p.stderr
+    p = _cli("demo", *common, "--rounds", 2, "--ablation", check=False)
+    assert p.returncode == 2 and "rounds 1" in p.stderr
+
+
+def test_uncertain_choice_takes_the_scores_nearest_the_threshold_per_prompt():
+    from t2ialign.loop import uncertain_choice
+
+    scores = [0.9, 0.45, 0.1, 0.6, 0.2, 0.52, 0.05, 0.99]
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    assert uncertain_choice(scores, groups, 2, 0.5) == [1, 3, 4, 5]
+    assert uncertain_choice(scores, groups, 1, 0.0) == [2, 6]
+    with pytest.raises(ValueError, match="3 scores for 2 items"):
+        uncertain_choice([0.1, 0.2, 0.3], ["a", "b"], 1, 0.5)
+
+
 @pytest.mark.parametrize("method", ["grpo", "nft", "raft"])
 def test_finetune_cli_online(tmp_path, tiny_models, method):
     gen, _ = tiny_models

@@ -38,7 +38,18 @@ class DemoConfig:
     rwr: RWRConfig | None = None
     """Fine-tuning settings (None: the demo's defaults)."""
     ablation: bool = False
-    """Also run the paper's Table 3 (labelled only / + pseudo-labels / + pre-training term)."""
+    """Also run the paper's Table 3 (labelled only / + pseudo-labels / + pre-training term), on one
+    round's data."""
+    ceiling: str | None = None
+    """A generator pre-trained on exact captions (the world's ceiling), added as a row of Table 3."""
+    rounds: int = 1
+    """Relabelling rounds (:mod:`t2ialign.loop`): each round after the first labels new images of the
+    previous round's model, retrains the reward on every label so far and fine-tunes that model."""
+    select: str = "random"
+    """Which images a round sends to be labelled: ``random`` or ``uncertain`` (active learning: of
+    ``pool_factor`` times as many, those the previous round's reward is least sure of)."""
+    pool_factor: int = 3
+    """``select="uncertain"``: images generated per image sent."""
     sample_steps: int = 20
     guidance: float = 3.0
     seed: int = 0
@@ -48,6 +59,18 @@ class DemoConfig:
             raise ValueError("feedback_per_prompt and prompts_per_task must be at least 1")
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
+        from t2ialign.loop import SELECT
+
+        if self.select not in SELECT:
+            raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.rounds < 1 or self.pool_factor < 1:
+            raise ValueError(
+                f"rounds and pool_factor must be at least 1, got {self.rounds}, {self.pool_factor}"
+            )
+        if self.ablation and self.rounds != 1:
+            raise ValueError("the ablation (the paper's Table 3) is one round's; use it with rounds 1")
+        if self.ceiling is not None and not self.ablation:
+            raise ValueError("ceiling is a row of the ablation's Table 3; set ablation too")
         if self.rwr is None:
             self.rwr = RWRConfig(
                 steps=400,
@@ -97,172 +120,241 @@ class _Timer:
         print(f"[demo] {name}: {self.stages[name]:.0f} s (total {now - self.t0:.0f} s)", flush=True)
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    """Run the whole loop; returns the results dict also written to ``out/results.json``."""
-    from t2ialign.backends import ShapesBackend
+def _prepare_out(out: Path, cfg: DemoConfig, resume: bool) -> None:
+    """A new demo needs an empty folder (the demo never overwrites); ``resume`` continues the demo
+    in ``out``, whose saved settings must be this run's (``rounds`` may grow: more rounds)."""
+    saved_path = out / "demo_config.json"
+    mine = _jsonable(asdict(cfg))
+    if resume:
+        if not saved_path.exists():
+            raise FileNotFoundError(f"{out} holds no demo to resume (no demo_config.json)")
+        saved = json.loads(saved_path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v and k != "rounds"}
+        if diff:
+            raise ValueError(
+                f"{out} was started with other settings {diff} (saved, asked); use another --out"
+            )
+        if mine["rounds"] < saved["rounds"]:
+            raise ValueError(f"{out} was started with {saved['rounds']} rounds; --rounds cannot shrink")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty; choose a new --out (the demo never overwrites), or --resume to continue it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(mine, indent=1))
+
+
+def _round_dir(out: Path, r: int) -> Path:
+    """Round 1 writes where a one-round demo always did (``out/reward``, ``out/rwr``); round r > 1
+    inside ``out/round{r}``."""
+    return out if r == 1 else out / f"round{r}"
+
+
+def _round_record(r: int, fb: dict, labelled, reward, after: dict, model_dir: Path) -> dict:
+    from t2ialign.evaluation.evaluate import strip_arrays
+
+    seen, unseen = strip_arrays(after["seen"]), strip_arrays(after["unseen"])
+    return {
+        "round": r,
+        "feedback": fb,
+        "labelled_images": len(labelled),
+        "good_rate": float(labelled.weights.mean()),
+        "reward_model": reward.card.get("metrics", {}),
+        "seen": seen["overall"],
+        "seen_ci95": seen.get("splits", {}).get("seen", {}).get("ci95"),
+        "seen_n": seen["n"],
+        "unseen": unseen["overall"],
+        "unseen_n": unseen["n"],
+        "fid_seen": seen["fid"],
+        "fid_unseen": unseen["fid"],
+        "seen_tasks": {t: v["accuracy"] for t, v in seen["tasks"].items()},
+        "model": str(model_dir),
+    }
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run the whole loop; returns the results dict also written to ``out/results.json``.
+    ``resume``: continue the demo in ``cfg.out`` (finished rounds are kept, a killed one resumes)."""
     from t2ialign.evaluation.evaluate import evaluate_generator, strip_arrays
     from t2ialign.evaluation.report import write_report
     from t2ialign.feedback import FeedbackStore
-    from t2ialign.feedback.simulate import SimulatedRater, simulate
+    from t2ialign.feedback.simulate import SimulatedRater
+    from t2ialign.loop import collect_feedback
     from t2ialign.models import load_generator
     from t2ialign.models.encoder import load_encoder
     from t2ialign.pipeline import pseudo_labelled, rwr_data_from_store, world_pretrain_source
     from t2ialign.reward.rewards import ModelReward
     from t2ialign.reward.train import RewardTrainConfig, train_reward_model
-    from t2ialign.sampling import generate_images
     from t2ialign.world.suites import suite
 
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new --out (the demo never overwrites)")
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, cfg, resume)
     timer = _Timer()
     base = load_generator(cfg.model)
     encoder = load_encoder(cfg.encoder)
     seen = _subset(suite("seen"), cfg.prompts_per_task)
     unseen = _subset(suite("unseen"), cfg.prompts_per_task)
-
-    # 1. collect feedback: generate, then the simulated rater labels (people: t2ialign label serve)
-    store = FeedbackStore.create(out / "feedback", labels_per_image=1)
-    rows = [r for r in seen for _ in range(cfg.feedback_per_prompt)]
-    seeds = [cfg.seed + i for i in range(len(rows))]
-    imgs = generate_images(
-        base,
-        [r["prompt"] for r in rows],
-        seeds,
-        steps=cfg.sample_steps,
-        guidance=cfg.guidance,
-        progress=progress,
-    )
-    settings = {"steps": cfg.sample_steps, "guidance": cfg.guidance}
-    store.add_generations(
-        [
-            {
-                "image": im,
-                "prompt": r["prompt"],
-                "spec": r["spec"],
-                "task": r["task"],
-                "split": r["split"],
-                "model_id": base.model_id,
-                "seed": sd,
-                "settings": settings,
-            }
-            for im, r, sd in zip(imgs, rows, seeds, strict=True)
-        ]
-    )
-    sim = simulate(store, SimulatedRater("oracle", noise=cfg.noise, seed=cfg.seed), pairs=False)
-    timer.lap(f"feedback: {len(rows)} images generated, {sim['labels']} simulated labels")
-
-    # 2. learn a reward
+    store = FeedbackStore.open(out / "feedback", create=True)
+    rater = SimulatedRater("oracle", noise=cfg.noise, seed=cfg.seed)
     # the paper's head plus a skip connection from the zero-shot similarity (``cosine_skip``): with
     # this world's few feedback prompts the plain head overfits them at once (docs/RESULTS.md,
     # "Reward model"), while the skip variant keeps the auxiliary loss and ranks unseen prompts better
     reward_cfg = RewardTrainConfig(
         backbone_path=cfg.encoder, max_epochs=cfg.reward_epochs, seed=cfg.seed, cosine_skip=True
     )
-    reward = train_reward_model(store, reward_cfg, out / "reward", progress=progress)
-    reward_fn = ModelReward(reward)
-    timer.lap("reward model trained")
 
-    # 3. before: evaluate the base model
-    ev = dict(
-        steps=cfg.sample_steps, guidance=cfg.guidance, reward_fn=reward_fn, encoder=encoder, progress=progress
-    )
-    before = {
-        "seen": evaluate_generator(base, seen, cfg.eval_seen_per_prompt, seed=900_000, **ev),
-        "unseen": evaluate_generator(base, unseen, cfg.eval_unseen_per_prompt, seed=900_000, **ev),
-    }
-    timer.lap("evaluated the base model")
-
-    # 4. fine-tune by reward-weighted likelihood
-    labelled = rwr_data_from_store(store, weight="label")
-    pseudo = None
-    if cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
-        pseudo = pseudo_labelled(
-            base,
-            seen,
-            cfg.pseudo_per_prompt,
-            reward_fn,
-            weight="filter",
-            seed=500_000,
+    def evaluate(model, reward_fn):
+        ev = dict(
             steps=cfg.sample_steps,
             guidance=cfg.guidance,
+            reward_fn=reward_fn,
+            encoder=encoder,
             progress=progress,
         )
-    pre = world_pretrain_source(seed=cfg.seed + 777, size=base.config.image_size)
-    timer.lap("training data ready")
+        return {
+            "seen": evaluate_generator(model, seen, cfg.eval_seen_per_prompt, seed=900_000, **ev),
+            "unseen": evaluate_generator(model, unseen, cfg.eval_unseen_per_prompt, seed=900_000, **ev),
+        }
 
-    def finetune(name: str, rcfg: RWRConfig):
-        backend = ShapesBackend(load_generator(cfg.model))
-        from t2ialign.algorithms.rwr import train_rwr
+    current, current_dir = base, cfg.model
+    rounds, before, after, curve = [], None, None, []
+    first_reward = reward = labelled = pseudo = pre = None
+    for r in range(1, cfg.rounds + 1):
+        rdir = _round_dir(out, r)
+        done = rdir / "round.json" if r > 1 else out / "round1.json"
+        if done.exists():  # a finished round of a resumed demo
+            rounds.append(json.loads(done.read_text()))
+            current_dir = rounds[-1]["model"]
+            current = load_generator(current_dir)
+            reward = _load_reward(rdir / "reward")  # the next round chooses its images with it
+            first_reward = first_reward or reward
+            continue
+        offset = (r - 1) * 10_000_000  # every round's images have seeds of their own
 
-        rows_ = train_rwr(
-            backend,
-            rcfg,
-            labelled,
-            out / name,
-            pseudo=pseudo if rcfg.pseudo_fraction > 0 else None,
-            pretrain_source=pre,
+        # 1. collect feedback: generate from the current model, then label (people: label serve)
+        fb = collect_feedback(
+            current,
+            seen,
+            cfg.feedback_per_prompt,
+            store,
+            rater,
+            seed=cfg.seed + offset,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            select=cfg.select,
+            pool_factor=cfg.pool_factor,
+            reward_fn=ModelReward(reward) if reward is not None else None,
+            threshold=reward.card.get("metrics", {}).get("threshold", 0.5) if reward is not None else 0.5,
             progress=progress,
         )
-        return load_generator(out / name), rows_
+        timer.lap(f"round {r} feedback: {fb['sent']} images sent of {fb['generated']}, {fb['labels']} labels")
 
-    tuned, curve = finetune("rwr", cfg.rwr)
-    timer.lap("fine-tuned")
-    after = {
-        "seen": evaluate_generator(tuned, seen, cfg.eval_seen_per_prompt, seed=900_000, **ev),
-        "unseen": evaluate_generator(tuned, unseen, cfg.eval_unseen_per_prompt, seed=900_000, **ev),
-    }
-    timer.lap("evaluated the fine-tuned model")
+        # 2. learn a reward from every label so far
+        reward = train_reward_model(store, reward_cfg, rdir / "reward", progress=progress)
+        first_reward = first_reward or reward
+        timer.lap(f"round {r} reward model trained")
+        yardstick = ModelReward(first_reward)  # every round's mean reward on round 1's reward
+
+        # 3. before: evaluate the base model (once)
+        if before is None:
+            before = evaluate(base, yardstick)
+            timer.lap("evaluated the base model")
+
+        # 4. fine-tune the current model by reward-weighted likelihood
+        labelled = rwr_data_from_store(store, weight="label")
+        pseudo = None
+        if cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
+            pseudo = pseudo_labelled(
+                current,
+                seen,
+                cfg.pseudo_per_prompt,
+                ModelReward(reward),
+                weight="filter",
+                seed=500_000 + offset,
+                steps=cfg.sample_steps,
+                guidance=cfg.guidance,
+                progress=progress,
+            )
+        pre = world_pretrain_source(seed=cfg.seed + 777 + (r - 1) * 1000, size=base.config.image_size)
+        timer.lap(f"round {r} training data ready")
+        tuned_dir = rdir / "rwr"
+        curve = _finetune(current_dir, cfg.rwr, labelled, pseudo, pre, tuned_dir, progress)
+        current, current_dir = load_generator(tuned_dir), tuned_dir
+        timer.lap(f"round {r} fine-tuned")
+        after = evaluate(current, yardstick)
+        timer.lap(f"round {r} evaluated the fine-tuned model")
+        rounds.append(_round_record(r, fb, labelled, reward, after, tuned_dir))
+        done.write_text(json.dumps(_jsonable(rounds[-1]), indent=1))
+
+    # a resumed demo whose rounds were all done: evaluate again (deterministic) for the report
+    first_reward = first_reward or _load_reward(out / "reward")
+    reward = reward or _load_reward(_round_dir(out, cfg.rounds) / "reward")
+    yardstick = ModelReward(first_reward)
+    if before is None:
+        before = evaluate(base, yardstick)
+    if after is None:
+        after = evaluate(current, yardstick)
+    if not curve:
+        curve = _read_log(Path(current_dir))
 
     table3 = None
-    if cfg.ablation:
-        table3 = [
-            {
-                "training data": "base model",
-                "fid": before["seen"]["fid"],
-                "reward": before["seen"]["mean_reward"],
-                "accuracy": before["seen"]["overall"],
-                "n": before["seen"]["n"],
+    if cfg.ablation:  # one round (checked in DemoConfig): round 1's labels, pseudo-labels and reward
+        labelled = labelled or rwr_data_from_store(store, weight="label")
+        if pseudo is None and cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
+            pseudo = pseudo_labelled(
+                base,
+                seen,
+                cfg.pseudo_per_prompt,
+                ModelReward(first_reward),
+                weight="filter",
+                seed=500_000,
+                steps=cfg.sample_steps,
+                guidance=cfg.guidance,
+                progress=progress,
+            )
+        pre = pre or world_pretrain_source(seed=cfg.seed + 777, size=base.config.image_size)
+
+        def row(label, res):
+            return {
+                "training data": label,
+                "fid": res["fid"],
+                "reward": res["mean_reward"],
+                "accuracy": res["overall"],
+                "n": res["n"],
             }
-        ]
+
+        table3 = [row("base model", before["seen"])]
         variants = [
             ("labelled images only", replace(cfg.rwr, beta=0.0, pseudo_fraction=0.0)),
             ("+ reward-scored unlabelled images", replace(cfg.rwr, beta=0.0)),
-            ("+ pre-training loss", cfg.rwr),
         ]
         for i, (label, rcfg) in enumerate(variants):
-            if rcfg is cfg.rwr:
-                res = after["seen"]
-            else:
-                g, _ = finetune(f"ablation{i}", rcfg)
-                res = evaluate_generator(g, seen, cfg.eval_seen_per_prompt, seed=900_000, **ev)
-            table3.append(
-                {
-                    "training data": label,
-                    "fid": res["fid"],
-                    "reward": res["mean_reward"],
-                    "accuracy": res["overall"],
-                    "n": res["n"],
-                }
-            )
+            _finetune(cfg.model, rcfg, labelled, pseudo, pre, out / f"ablation{i}", progress)
+            g = load_generator(out / f"ablation{i}")
+            table3.append(row(label, evaluate(g, yardstick)["seen"]))
+        table3.append(row("+ pre-training loss", after["seen"]))  # the demo's own run
+        if cfg.ceiling:
+            ceiling = evaluate(load_generator(cfg.ceiling), yardstick)["seen"]
+            table3.append(row("ceiling: pre-trained on exact captions", ceiling))
         timer.lap("ablation (Table 3)")
 
+    last = rounds[-1]
     results = {
         "before": {k: strip_arrays(v) for k, v in before.items()},
         "after": {k: strip_arrays(v) for k, v in after.items()},
+        "rounds": rounds,
         "table3": table3,
         "feedback": {
-            "images": len(rows),
-            "labels": sim["labels"],
-            "good_rate": float(labelled.weights.mean()),
+            "images": sum(rd["feedback"]["sent"] for rd in rounds),
+            "labels": sum(rd["feedback"]["labels"] for rd in rounds),
+            "good_rate": float(rwr_data_from_store(store, weight="label").weights.mean()),
             "pseudo_images": len(pseudo) if pseudo is not None else 0,
             "pseudo_kept": float(pseudo.weights.mean()) if pseudo is not None else 0.0,
         },
-        "reward_model": reward.card.get("metrics", {}),
+        "reward_model": last["reward_model"],
         "config": _jsonable(asdict(cfg)),
         "base_model": base.model_id,
-        "tuned_model": tuned.model_id,
+        "tuned_model": current.model_id,
         "stage_seconds": timer.stages,
         "wall_seconds": round(time.time() - timer.t0, 1),
     }
@@ -271,6 +363,35 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     timer.lap("report written")
     print(_closing_message(out))
     return results
+
+
+def _finetune(model_dir, rcfg: RWRConfig, labelled, pseudo, pre, out: Path, progress: bool) -> list[dict]:
+    """Reward-weighted fine-tuning of the generator in ``model_dir`` into ``out`` (resumes there)."""
+    from t2ialign.algorithms.rwr import train_rwr
+    from t2ialign.backends import ShapesBackend
+    from t2ialign.models import load_generator
+
+    backend = ShapesBackend(load_generator(model_dir))
+    return train_rwr(
+        backend,
+        rcfg,
+        labelled,
+        out,
+        pseudo=pseudo if rcfg.pseudo_fraction > 0 else None,
+        pretrain_source=pre,
+        progress=progress,
+    )
+
+
+def _load_reward(path: Path):
+    from t2ialign.reward.model import load_reward_model
+
+    return load_reward_model(path)
+
+
+def _read_log(run_dir: Path) -> list[dict]:
+    log = run_dir / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
 
 
 def _jsonable(d):

@@ -122,6 +122,28 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts-per-task", type=int, default=None, help="seen/unseen prompts per task")
     p.add_argument("--sample-steps", type=int, default=None, help="Euler steps of every sampling stage")
+    p.add_argument(
+        "--feedback-per-prompt", type=int, default=None, help="images labelled per prompt and round"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="relabelling rounds: label the tuned model's images, retrain the reward, fine-tune again",
+    )
+    p.add_argument(
+        "--select",
+        choices=["random", "uncertain"],
+        default="random",
+        help="images sent to be labelled in rounds after the first: random, or those the reward is least "
+        "sure of (active learning)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the demo in --out (a killed round resumes)"
+    )
+    p.add_argument(
+        "--ceiling", default=None, help="with --ablation: an exact-caption generator, as Table 3's last row"
+    )
 
 
 def apply_overrides(cfg, items: list[str]):
@@ -383,11 +405,19 @@ def cmd_finetune(args) -> int:
 def cmd_demo(args) -> int:
     from t2ialign.demo import DemoConfig, quick_config, run_demo
 
-    kw = dict(out=args.out, model=args.model, encoder=args.encoder, ablation=args.ablation, seed=args.seed)
-    if args.prompts_per_task is not None:
-        kw["prompts_per_task"] = args.prompts_per_task
-    if args.sample_steps is not None:
-        kw["sample_steps"] = args.sample_steps
+    kw = dict(
+        out=args.out,
+        model=args.model,
+        encoder=args.encoder,
+        ablation=args.ablation,
+        ceiling=args.ceiling,
+        seed=args.seed,
+        rounds=args.rounds,
+        select=args.select,
+    )
+    for name in ("prompts_per_task", "sample_steps", "feedback_per_prompt"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     cfg = quick_config(**kw) if args.quick else DemoConfig(**kw)
-    run_demo(cfg)
+    run_demo(cfg, resume=args.resume)
     return 0

@@ -166,6 +166,29 @@ def write_report(
             for r in results["table3"]
         ]
     t3_headers = ["training data", "FID", "reward", "seen accuracy (%)", "95% CI"]
+    rounds = results.get("rounds") or []
+    r_headers = ["round", "labelled images", "seen (%)", "unseen (%)", "FID seen", "FID unseen"]
+    r_rows = [
+        [
+            "base",
+            "0",
+            _fmt(before["seen"]["overall"]),
+            _fmt(before["unseen"]["overall"]),
+            f"{before['seen']['fid']:.2f}",
+            f"{before['unseen']['fid']:.2f}",
+        ]
+    ]
+    r_rows += [
+        [
+            str(r["round"]),
+            str(r["labelled_images"]),
+            _fmt(r["seen"]),
+            _fmt(r["unseen"]),
+            f"{r['fid_seen']:.2f}",
+            f"{r['fid_unseen']:.2f}",
+        ]
+        for r in rounds
+    ]
     fb = results["feedback"]
     intro = (
         f"Base model `{results['base_model']}` -> fine-tuned `{results['tuned_model']}`. "
@@ -201,6 +224,8 @@ def write_report(
         "![curves](curves.png)",
         "",
     ]
+    if len(rounds) > 1:
+        md += ["## Relabelling rounds", "", _md_table(r_headers, r_rows), ""]
     if t3_rows:
         md += ["## Table 3 of the paper, in this world", "", _md_table(t3_headers, t3_rows), ""]
     md += ["## Reward model", "", "```", str(results.get("reward_model")), "```", ""]
@@ -225,6 +250,8 @@ def write_report(
         f"<img alt='curves' src='data:image/png;base64,"
         f"{base64.b64encode((out / 'curves.png').read_bytes()).decode()}'>",
     ]
+    if len(rounds) > 1:
+        parts += ["<h2>Relabelling rounds</h2>", _html_table(r_headers, r_rows)]
     if t3_rows:
         parts += ["<h2>Table 3 of the paper, in this world</h2>", _html_table(t3_headers, t3_rows)]
     parts.append("</body></html>")
