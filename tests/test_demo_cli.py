@@ -58,6 +58,8 @@ def test_demo_quick_end_to_end(tmp_path, tiny_models):
         "--sample-steps",
         4,
         "--ablation",
+        "--ceiling",
+        gen,
     )
     assert "t2ialign label serve" in proc.stdout  # tells the user how to label by hand
     for f in ("report.html", "report.md", "results.json", "grid_before.png", "grid_after.png", "curves.png"):
@@ -69,12 +71,15 @@ def test_demo_quick_end_to_end(tmp_path, tiny_models):
             assert {"overall", "tasks", "fid", "mean_reward"} <= set(r)
             assert 0.0 <= r["overall"] <= 1.0 and r["fid"] >= 0
             assert all({"accuracy", "n"} <= set(t) for t in r["tasks"].values())
-    # the paper's Table 3: base, labelled only, + pseudo-labels, + pre-training term (= the demo's run)
+    # the paper's Table 3: base, labelled only, + pseudo-labels, + pre-training term (= the demo's run),
+    # then the ceiling (here the base itself, so its row equals the base's)
     t3 = res["table3"]
-    assert [r["training data"] for r in t3][0] == "base model" and len(t3) == 4
+    assert [r["training data"] for r in t3][0] == "base model" and len(t3) == 5
+    assert t3[-1]["training data"].startswith("ceiling")
+    assert (t3[-1]["accuracy"], t3[-1]["fid"]) == (t3[0]["accuracy"], t3[0]["fid"])
     assert all({"fid", "reward", "accuracy", "n"} <= set(r) for r in t3)
     after = res["after"]["seen"]
-    assert (t3[-1]["accuracy"], t3[-1]["fid"]) == (after["overall"], after["fid"])
+    assert (t3[-2]["accuracy"], t3[-2]["fid"]) == (after["overall"], after["fid"])
     assert "Table 3" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.split("<body>")[1]  # self-contained
