@@ -245,13 +245,15 @@ def test_pretrain_snapshots_and_card_name_the_captions(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_world_captions_command(tmp_path):
+def test_world_captions_command(tmp_path, capsys):
     import json
 
     from t2ialign.cli.main import main
 
     out = tmp_path / "web.jsonl"
     assert main(["world", "captions", "--noise", "web", "--n", "300", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "caption precision" in printed and "color_binding" in printed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 300 and any(r["caption"] != r["prompt"] for r in rows)
     for r in rows:

@@ -194,6 +194,14 @@ def cmd_captions(args) -> int:
     ]
     print(f"{args.noise} captions of {args.n} random scenes (seed {args.seed}): how often each is true")
     print_table(["attribute", "caption accuracy", "configured", "n"], rows)
+    by_task: dict[str, list[int]] = {}
+    for true, cap in pairs:
+        by_task.setdefault(cap.task, []).append(int(cap == true))
+    print("\ncaption precision: of the captions of each task, the share whose scene is the one stated")
+    print_table(
+        ["task of the caption", "precision", "n"],
+        [[t, f"{np.mean(v):.3f}", len(v)] for t, v in sorted(by_task.items())],
+    )
     if args.out:
         with open(args.out, "w") as f:
             for true, cap in pairs:
