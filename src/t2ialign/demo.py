@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
             current_dir = rounds[-1]["model"]
             current = load_generator(current_dir)
             reward = _load_reward(rdir / "reward")  # the next round chooses its images with it
-            first_reward = first_reward or reward
+            first_reward = reward if first_reward is None else first_reward
             continue
         offset = (r - 1) * 10_000_000  # every round's images have seeds of their own
 
@@ -251,7 +251,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
 
         # 2. learn a reward from every label so far
         reward = train_reward_model(store, reward_cfg, rdir / "reward", progress=progress)
-        first_reward = first_reward or reward
+        first_reward = reward if first_reward is None else first_reward
         timer.lap(f"round {r} reward model trained")
         yardstick = ModelReward(first_reward)  # every round's mean reward on round 1's reward
 
@@ -287,8 +287,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
         done.write_text(json.dumps(_jsonable(rounds[-1]), indent=1))
 
     # a resumed demo whose rounds were all done: evaluate again (deterministic) for the report
-    first_reward = first_reward or _load_reward(out / "reward")
-    reward = reward or _load_reward(_round_dir(out, cfg.rounds) / "reward")
+    if first_reward is None:
+        first_reward = _load_reward(out / "reward")
+    if reward is None:
+        reward = _load_reward(_round_dir(out, cfg.rounds) / "reward")
     yardstick = ModelReward(first_reward)
     if before is None:
         before = evaluate(base, yardstick)
@@ -299,7 +301,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
 
     table3 = None
     if cfg.ablation:  # one round (checked in DemoConfig): round 1's labels, pseudo-labels and reward
-        labelled = labelled or rwr_data_from_store(store, weight="label")
+        if labelled is None:
+            labelled = rwr_data_from_store(store, weight="label")
         if pseudo is None and cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
             pseudo = pseudo_labelled(
                 base,
@@ -312,7 +315,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
                 guidance=cfg.guidance,
                 progress=progress,
             )
-        pre = pre or world_pretrain_source(seed=cfg.seed + 777, size=base.config.image_size)
+        if pre is None:
+            pre = world_pretrain_source(seed=cfg.seed + 777, size=base.config.image_size)
 
         def row(label, res):
             return {
