@@ -3,6 +3,10 @@
 seen-suite prompts -> generate -> simulated feedback (10% noise) -> reward model -> reward-weighted
 fine-tuning (labelled + pseudo-labelled samples + the pre-training term) -> evaluation on the seen and
 unseen suites, before and after -> ``report.html``, ``report.md``, ``results.json``.
+
+With ``rounds`` > 1 the loop runs again from the tuned model (:mod:`t2ialign.loop`): new images
+labelled, the reward retrained on every label so far, the tuned model fine-tuned again; ``resume``
+continues a demo whose run was killed.
 """
 
 from __future__ import annotations
@@ -349,9 +353,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
         "rounds": rounds,
         "table3": table3,
         "feedback": {
-            "images": sum(rd["feedback"]["sent"] for rd in rounds),
-            "labels": sum(rd["feedback"]["labels"] for rd in rounds),
-            "good_rate": float(rwr_data_from_store(store, weight="label").weights.mean()),
+            "images": last["labelled_images"],  # every round's, one simulated label each
+            "labels": last["labelled_images"],
+            "good_rate": last["good_rate"],
             "pseudo_images": len(pseudo) if pseudo is not None else 0,
             "pseudo_kept": float(pseudo.weights.mean()) if pseudo is not None else 0.0,
         },
