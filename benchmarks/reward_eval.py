@@ -101,6 +101,7 @@ def build_projects(
     extra: int = 0,
     extra_per_prompt: int = 3,
     test_per_prompt: int | None = None,
+    model_path: str | None = None,
 ) -> tuple[FeedbackStore, FeedbackStore]:
     """The training project (seen-suite training prompts, plus ``extra`` more seen-split prompts
     with ``extra_per_prompt`` images each) and the test project (held-out seen prompts and the
@@ -119,7 +120,7 @@ def build_projects(
         more = extra_prompts(extra)
         rows["train"] = rows["train"] + more
         n_images.update({r["prompt"]: extra_per_prompt for r in more})
-    model = load_generator(device=device)
+    model = load_generator(model_path, device=device)
     settings = {"steps": STEPS, "guidance": GUIDANCE}
     stores = {}
     for name, prompts in rows.items():
@@ -127,6 +128,12 @@ def build_projects(
         store = (
             FeedbackStore.open(path) if (path / "feedback.sqlite").exists() else FeedbackStore.create(path, 1)
         )
+        others = {g["model_id"] for g in store.generations()} - {model.model_id}
+        if others:
+            raise SystemExit(
+                f"{path} holds images of other generators {sorted(others)}; use another --work for "
+                f"{model.model_id}"
+            )
         todo = [
             (r, s)
             for r in prompts
@@ -258,6 +265,11 @@ def main() -> int:
         default=None,
         help="encoder folder for every reward and the similarity (default: shipped)",
     )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="generator folder whose images are labelled (default: shipped); one --work per model",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t_start = time.time()
@@ -274,6 +286,7 @@ def main() -> int:
         extra=args.extra_prompts,
         extra_per_prompt=args.extra_per_prompt,
         test_per_prompt=args.test_per_prompt,
+        model_path=args.model,
     )
     t_data = time.time() - t_start
     if args.only_data:
