@@ -188,6 +188,24 @@ def test_generator_resume_refuses_other_captions(tmp_path):
         pretrain(replace(cfg, steps=2, captions="web"), tmp_path, progress=False)
 
 
+def test_generator_resume_refuses_a_run_of_the_presets_old_rates(tmp_path):
+    """A checkpoint from before the rates were saved in it: the rates of its folder's card decide."""
+    import json
+
+    from t2ialign.models.pretrain import pretrain
+
+    cfg = PretrainConfig(preset="tiny", steps=1, batch_size=2, checkpoint_every=1, captions="web")
+    pretrain(cfg, tmp_path, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ck["caption_noise"]
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    card = json.loads((tmp_path / "card.json").read_text())
+    card["captions"]["noise"] = {**WEB.to_dict(), "color_swap": 0.45, "relation_mirror": 0.0}
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="other rates than the preset has today"):
+        pretrain(replace(cfg, steps=2), tmp_path, progress=False)
+
+
 def test_encoder_resume_refuses_other_captions(tmp_path):
     from t2ialign.models.encoder import EncoderTrainConfig, pretrain_encoder
 

@@ -261,6 +261,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
         _save_atomic,
         check_resumed_captions,
         machine_description,
+        saved_caption_noise,
         world_batch,
     )
     from t2ialign.world.captions import caption_preset
@@ -275,7 +276,7 @@ def pretrain_encoder(cfg: EncoderTrainConfig, out: str | Path, progress: bool = 
     start, wall, losses = 0, 0.0, []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        check_resumed_captions(ck.get("config", {}), cfg.captions, ckpt_path, ck.get("caption_noise"))
+        check_resumed_captions(ck.get("config", {}), cfg.captions, ckpt_path, saved_caption_noise(ck, out))
         if "config" in ck and ck["config"] != asdict(cfg):
             saved = {**asdict(EncoderTrainConfig()), **ck["config"]}  # options newer than it: defaults
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}

@@ -8,6 +8,7 @@ run killed at any point (SIGKILL included) resumes from its last checkpoint with
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import shlex
@@ -107,6 +108,17 @@ def check_resumed_captions(
         )
 
 
+def saved_caption_noise(ck: dict, folder: Path) -> dict | None:
+    """The caption rates a checkpoint was trained with: saved in it, or (checkpoints from before the
+    rates were saved) in the ``card.json`` of its folder; None when neither has them."""
+    if "caption_noise" in ck:
+        return ck["caption_noise"]
+    card = folder / "card.json"
+    if card.exists():
+        return json.loads(card.read_text()).get("captions", {}).get("noise")
+    return None
+
+
 def lr_at(cfg: PretrainConfig, k: int) -> float:
     if k < cfg.warmup:
         return cfg.lr * (k + 1) / cfg.warmup
@@ -153,7 +165,7 @@ def pretrain(
     losses: list[float] = []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        check_resumed_captions(ck["config"], cfg.captions, ckpt_path, ck.get("caption_noise"))
+        check_resumed_captions(ck["config"], cfg.captions, ckpt_path, saved_caption_noise(ck, out))
         saved = {"captions": "exact", **ck["config"]}  # runs from before the captioner: exact captions
         if saved != asdict(cfg):
             diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
