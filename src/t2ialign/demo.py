@@ -301,7 +301,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
     if after is None:
         after = evaluate(current, yardstick)
     if not curve:
-        curve = _read_log(Path(current_dir))
+        from t2ialign.algorithms.common import read_log
+
+        curve = read_log(Path(current_dir))
 
     table3 = None
     if cfg.ablation:  # one round (checked in DemoConfig): round 1's labels, pseudo-labels and reward
@@ -395,11 +397,6 @@ def _load_reward(path: Path):
     from t2ialign.reward.model import load_reward_model
 
     return load_reward_model(path)
-
-
-def _read_log(run_dir: Path) -> list[dict]:
-    log = run_dir / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
 
 
 def _jsonable(d):
