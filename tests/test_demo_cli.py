@@ -195,3 +195,33 @@ def test_finetune_cli_errors(tmp_path, tiny_models):
     assert p.returncode == 2 and "no such field" in p.stderr
     p = _cli("finetune", "rwr", "--model", gen, "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "--project" in p.stderr
+
+
+@pytest.mark.parametrize("method", ["rwr", "nft-labelled"])
+def test_finetune_cli_on_a_labelled_project(tmp_path, tiny_models, method):
+    """The labelled-data methods through the CLI, on a project labelled by the simulated oracle."""
+    from feedback_helpers import make_project
+    from t2ialign.feedback.simulate import SimulatedRater, simulate
+
+    gen, _ = tiny_models
+    store = make_project(tmp_path / "proj", n_prompts=3, per_prompt=4, k=1)
+    simulate(store, SimulatedRater("oracle", seed=0), pairs=False)
+    out = tmp_path / method
+    _cli(
+        "finetune",
+        method,
+        "--model",
+        gen,
+        "--project",
+        tmp_path / "proj",
+        "--iterations",
+        2,
+        "--set",
+        "batch_size=4",
+        "--set",
+        "pretrain_batch_size=4",
+        "--out",
+        out,
+    )
+    assert (out / "model.safetensors").exists() and len((out / "log.jsonl").read_text().splitlines()) == 2
+    load_generator(out)

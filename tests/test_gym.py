@@ -271,6 +271,7 @@ def test_cli_writes_the_summary(tmp_path, capsys):
 # iterations (the config's count field) that take a few CPU seconds each at the gym's settings
 ITERATIONS = {
     "rwr": 1000,
+    "nft-labelled": 500,
     "ddpo": 170,
     "grpo": 150,
     "mixgrpo": 250,

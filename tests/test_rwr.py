@@ -35,6 +35,28 @@ def test_rwr_loss_hand_computed():
     assert rwr_loss(losses, torch.zeros(4), None, beta=0.0).item() == 0.0
 
 
+def test_guided_denoising_loss_is_the_loss_of_the_guided_output():
+    """With guidance w the loss is || v_u + w (v_c - v_u) - (eps - x0) ||^2, and its gradient reaches
+    the network through both branches."""
+    from t2ialign.backends import denoising_loss
+
+    b = _tiny_backend()
+    x0, prompts, _ = world_batch(3, 0, 4)
+    x0 = b.encode_images(x0)
+    g = torch.Generator().manual_seed(0)
+    eps, s = torch.randn(x0.shape, generator=g), torch.rand(4, generator=g)
+    cond, null = b.encode(prompts), b.encode([""] * 4)
+    x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        v_c, v_u = b.predict(x_s, s, cond), b.predict(x_s, s, null)
+        expected = (v_u + 3.0 * (v_c - v_u) - (eps - x0)).pow(2).flatten(1).mean(1)
+        plain = (v_c - (eps - x0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(denoising_loss(b, x0, cond, eps, s, guidance=3.0).detach(), expected)
+    torch.testing.assert_close(denoising_loss(b, x0, cond, eps, s).detach(), plain)
+    with pytest.raises(ValueError, match="sample_guidance"):
+        RWRConfig(sample_guidance=0)
+
+
 def test_weights_from_modes():
     labels = torch.tensor([1.0, 0.0])
     rewards = torch.tensor([0.7, 1.3])

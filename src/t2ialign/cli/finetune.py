@@ -39,6 +39,12 @@ METHODS = {
     "refl": ("t2ialign.algorithms.refl", "ReFLConfig", "train_refl", "reward"),
     "draft": ("t2ialign.algorithms.refl", "DRaFTConfig", "train_draft", "reward"),
     "dpo": ("t2ialign.algorithms.dpo", "DPOConfig", "train_dpo", "pairs"),
+    "nft-labelled": (
+        "t2ialign.algorithms.nft_labelled",
+        "LabelledNFTConfig",
+        "train_nft_labelled",
+        "project",
+    ),
 }
 ITERATION_FIELDS = ("steps", "iterations", "rounds", "epochs")
 
@@ -222,7 +228,11 @@ def train_method(
             raise ValueError(f"method {method!r} does not train data-parallel (no accelerator support)")
         kwargs["accelerator"] = accelerator
     if needs == "project":
-        return train(backend, cfg, labelled, out, pseudo=pseudo, pretrain_source=pretrain_source, **kwargs)
+        if "pseudo" in inspect.signature(train).parameters:
+            kwargs["pseudo"] = pseudo
+        elif pseudo is not None:
+            raise ValueError(f"{method} trains on the labelled images only: drop --pseudo-per-prompt")
+        return train(backend, cfg, labelled, out, pretrain_source=pretrain_source, **kwargs)
     if needs == "pairs":
         return train(backend, pairs, cfg, out, **kwargs)
     if "pretrain_source" in inspect.signature(train).parameters:
@@ -354,7 +364,7 @@ def cmd_finetune(args) -> int:
         from t2ialign.pipeline import pseudo_labelled, rwr_data_from_store
 
         if not args.project:
-            raise ValueError("rwr needs --project (a feedback project with labels)")
+            raise ValueError(f"{args.method} needs --project (a feedback project with labels)")
         store = FeedbackStore.open(args.project)
         reward_fn = build_reward(args.reward) if args.reward else None
         labelled = rwr_data_from_store(
@@ -370,8 +380,9 @@ def cmd_finetune(args) -> int:
             pseudo = pseudo_labelled(
                 backend.gen, rows, args.pseudo_per_prompt, reward_fn, weight="filter", progress=is_main
             )
-        if pre is None and cfg.beta > 0:
-            raise ValueError("this model has no built-in pre-training data: add --set beta=0")
+        knob = "beta" if args.method == "rwr" else "pretrain_weight"
+        if pre is None and getattr(cfg, knob) > 0:
+            raise ValueError(f"this model has no built-in pre-training data: add --set {knob}=0")
         train_method(
             args.method, backend, cfg, out, labelled=labelled, pseudo=pseudo, pretrain_source=pre, **run
         )

@@ -50,6 +50,7 @@ def _methods() -> dict[str, GymMethod]:
     from t2ialign.algorithms.grpo import GRPOConfig, train_grpo
     from t2ialign.algorithms.mixgrpo import MixGRPOConfig, train_mixgrpo
     from t2ialign.algorithms.nft import NFTConfig, train_nft
+    from t2ialign.algorithms.nft_labelled import LabelledNFTConfig, train_nft_labelled
     from t2ialign.algorithms.raft import RAFTConfig, train_raft
     from t2ialign.algorithms.refl import DRaFTConfig, ReFLConfig, train_draft, train_refl
     from t2ialign.algorithms.rwr import RWRConfig, train_rwr
@@ -62,6 +63,13 @@ def _methods() -> dict[str, GymMethod]:
             RWRConfig,
             "weighted",
             {"steps": 500, "batch_size": 256, "beta": 0.0, "ema": 0.0, "lr": 3e-3},
+            "steps",
+        ),
+        "nft-labelled": GymMethod(
+            train_nft_labelled,
+            LabelledNFTConfig,
+            "weighted",
+            {"steps": 500, "batch_size": 256, "beta": 0.3, "adv_clip": 1.0, "lr": 3e-3},
             "steps",
         ),
         "ddpo": GymMethod(
@@ -136,7 +144,7 @@ def _methods() -> dict[str, GymMethod]:
     }
 
 
-METHOD_NAMES = ("rwr", "ddpo", "grpo", "mixgrpo", "nft", "raft", "refl", "draft", "dpo")
+METHOD_NAMES = ("rwr", "nft-labelled", "ddpo", "grpo", "mixgrpo", "nft", "raft", "refl", "draft", "dpo")
 
 
 class BudgetSpent(Exception):
