@@ -225,3 +225,15 @@ def test_finetune_cli_on_a_labelled_project(tmp_path, tiny_models, method):
     )
     assert (out / "model.safetensors").exists() and len((out / "log.jsonl").read_text().splitlines()) == 2
     load_generator(out)
+
+
+def test_demo_quick_with_labelled_nft(tmp_path, tiny_models):
+    gen, enc = tiny_models
+    out = tmp_path / "demo"
+    common = ("--quick", "--model", gen, "--encoder", enc, "--out", out, "--prompts-per-task", 1)
+    _cli("demo", *common, "--sample-steps", 2, "--method", "nft-labelled")
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["method"] == "nft-labelled" and res["feedback"]["pseudo_images"] == 0
+    assert "nft_loss" in (out / "rwr" / "log.jsonl").read_text()
+    p = _cli("demo", *common, "--method", "nft-labelled", "--ablation", check=False)
+    assert p.returncode == 2 and "method rwr" in p.stderr

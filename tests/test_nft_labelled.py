@@ -74,3 +74,17 @@ def test_smoke_and_resume(tmp_path):
     _, resumed = run(tmp_path / "split", 4)
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-4, atol=2e-5)
+
+
+def test_refuses_a_data_parallel_launch(tmp_path):
+    from t2ialign.cli.finetune import train_method
+
+    with pytest.raises(ValueError, match="does not train data-parallel"):
+        train_method(
+            "nft-labelled",
+            _backend(),
+            LabelledNFTConfig(steps=1),
+            tmp_path,
+            labelled=_data(),
+            accelerator=object(),
+        )

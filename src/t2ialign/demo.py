@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from t2ialign.algorithms.nft_labelled import LabelledNFTConfig
 from t2ialign.algorithms.rwr import RWRConfig
 
 
@@ -39,8 +40,15 @@ class DemoConfig:
     """Error rate of the simulated rater."""
     reward_epochs: int = 300
     """Most epochs of reward-model training (it stops early on the validation split)."""
+    method: str = "rwr"
+    """How the labelled images fine-tune the model: ``rwr`` (the seed paper's reward-weighted
+    likelihood, with pseudo-labels and the pre-training term) or ``nft-labelled`` (DiffusionNFT's loss
+    on the good and the bad labelled images, :mod:`t2ialign.algorithms.nft_labelled`; no pseudo-labels,
+    no ablation)."""
     rwr: RWRConfig | None = None
-    """Fine-tuning settings (None: the demo's defaults)."""
+    """RWR's settings (None: the demo's defaults)."""
+    nft: LabelledNFTConfig | None = None
+    """``method="nft-labelled"``: its settings (None: the demo's defaults)."""
     ablation: bool = False
     """Also run the paper's Table 3 (labelled only / + pseudo-labels / + pre-training term), on one
     round's data."""
@@ -71,6 +79,10 @@ class DemoConfig:
             raise ValueError(
                 f"rounds and pool_factor must be at least 1, got {self.rounds}, {self.pool_factor}"
             )
+        if self.method not in ("rwr", "nft-labelled"):
+            raise ValueError(f"method must be 'rwr' or 'nft-labelled', got {self.method!r}")
+        if self.ablation and self.method != "rwr":
+            raise ValueError("the ablation (the paper's Table 3) is RWR's; use it with method rwr")
         if self.ablation and self.rounds != 1:
             raise ValueError("the ablation (the paper's Table 3) is one round's; use it with rounds 1")
         if self.ceiling is not None and not self.ablation:
@@ -85,6 +97,10 @@ class DemoConfig:
                 lr=5e-5,
                 checkpoint_every=100,
             )
+        if self.nft is None:
+            self.nft = LabelledNFTConfig(
+                steps=300, batch_size=32, beta=0.3, adv_clip=1.0, lr=3e-5, checkpoint_every=100
+            )
 
 
 def quick_config(**kw) -> DemoConfig:
@@ -97,6 +113,7 @@ def quick_config(**kw) -> DemoConfig:
         eval_unseen_per_prompt=1,
         reward_epochs=40,
         rwr=RWRConfig(steps=30, batch_size=16, pretrain_batch_size=16, lr=2e-4, checkpoint_every=10),
+        nft=LabelledNFTConfig(steps=30, batch_size=16, beta=0.3, adv_clip=1.0, lr=1e-4, checkpoint_every=10),
     )
     base.update(kw)
     return DemoConfig(**base)
@@ -267,7 +284,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
         # 4. fine-tune the current model by reward-weighted likelihood
         labelled = rwr_data_from_store(store, weight="label")
         pseudo = None
-        if cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
+        if cfg.method == "rwr" and cfg.pseudo_per_prompt > 0 and cfg.rwr.pseudo_fraction > 0:
             pseudo = pseudo_labelled(
                 current,
                 seen,
@@ -282,7 +299,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
         pre = world_pretrain_source(seed=cfg.seed + 777 + (r - 1) * 1000, size=base.config.image_size)
         timer.lap(f"round {r} training data ready")
         tuned_dir = rdir / "rwr"
-        curve = _finetune(current_dir, cfg.rwr, labelled, pseudo, pre, tuned_dir, progress)
+        tcfg = cfg.rwr if cfg.method == "rwr" else cfg.nft
+        curve = _finetune(current_dir, tcfg, labelled, pseudo, pre, tuned_dir, progress)
         current, current_dir = load_generator(tuned_dir), tuned_dir
         timer.lap(f"round {r} fine-tuned")
         after = evaluate(current, yardstick)
@@ -375,13 +393,17 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
     return results
 
 
-def _finetune(model_dir, rcfg: RWRConfig, labelled, pseudo, pre, out: Path, progress: bool) -> list[dict]:
-    """Reward-weighted fine-tuning of the generator in ``model_dir`` into ``out`` (resumes there)."""
+def _finetune(model_dir, rcfg, labelled, pseudo, pre, out: Path, progress: bool) -> list[dict]:
+    """Fine-tuning of the generator in ``model_dir`` into ``out`` (resumes there): reward-weighted
+    likelihood for an :class:`RWRConfig`, labelled NFT for a :class:`LabelledNFTConfig`."""
+    from t2ialign.algorithms.nft_labelled import train_nft_labelled
     from t2ialign.algorithms.rwr import train_rwr
     from t2ialign.backends import ShapesBackend
     from t2ialign.models import load_generator
 
     backend = ShapesBackend(load_generator(model_dir))
+    if isinstance(rcfg, LabelledNFTConfig):
+        return train_nft_labelled(backend, rcfg, labelled, out, pretrain_source=pre, progress=progress)
     return train_rwr(
         backend,
         rcfg,

@@ -108,11 +108,10 @@ def train_nft_labelled(
     pretrain_source: PretrainSource | None = None,
     progress: bool = True,
     logger: RunLogger | None = None,
-    accelerator=None,
 ) -> list[dict]:
     """Fine-tune ``backend`` in place on ``labelled`` (weights: labels or rewards; images of one
     prompt are one group); resumes from ``out``. Returns the log rows; the model is saved to ``out``.
-    Under Accelerate every rank draws the global batch and trains on its share (as RWR)."""
+    One process (no ``accelerator``: the CLI refuses ``accelerate launch`` for this method)."""
     use_pre = cfg.pretrain_weight > 0 and cfg.pretrain_batch_size > 0
     if use_pre and pretrain_source is None:
         raise ValueError("pretrain_weight > 0 needs pre-training data (pretrain_source)")
@@ -123,29 +122,26 @@ def train_nft_labelled(
             "no prompt has both better and worse images: the labels hold no contrast to learn from "
             "(label more images per prompt)"
         )
-    run = TrainingRun(backend, cfg, out, "nft-labelled", accelerator=accelerator, logger=logger).start()
-    ranks = run.ranks
-    B, PB = cfg.batch_size * ranks.world, cfg.pretrain_batch_size * ranks.world
-    mine, scale = ranks.shard(B), cfg.adv_clip / cfg.beta
+    run = TrainingRun(backend, cfg, out, "nft-labelled", logger=logger).start()
+    B, PB, scale = cfg.batch_size, cfg.pretrain_batch_size, cfg.adv_clip / cfg.beta
     dev = backend.device
     for k in run.steps(cfg.steps, progress):
         g = seeded(cfg.seed, k)
-        pick = active[np.random.default_rng([cfg.seed, k]).integers(len(active), size=B)][mine]
+        pick = active[np.random.default_rng([cfg.seed, k]).integers(len(active), size=B)]
         x0 = backend.encode_images(labelled.images[pick].to(dev))
         cond = backend.encode([labelled.prompts[i] for i in pick.tolist()])
-        eps = torch.randn((B, *x0.shape[1:]), generator=g)[mine].to(dev)
-        s = torch.rand(B, generator=g)[mine].to(dev)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        s = torch.rand(B, generator=g).to(dev)
         r = r_all[pick].to(dev)
         x_s, v = backend.add_noise(x0, eps, s), backend.target(x0, eps, s)
         with torch.no_grad(), backend.reference():
             v_ref = backend.predict(x_s, s, cond, guidance=cfg.guidance)
         if use_pre:
-            pmine = ranks.shard(PB)
             pimgs, ptexts = pretrain_source(k, PB)
-            px0 = backend.encode_images(pimgs[pmine].to(dev))
-            peps = torch.randn((PB, *px0.shape[1:]), generator=g)[pmine].to(dev)
-            ps = torch.rand(PB, generator=g)[pmine].to(dev)
-            pcond = backend.encode(list(ptexts)[pmine])
+            px0 = backend.encode_images(pimgs.to(dev))
+            peps = torch.randn(px0.shape, generator=g).to(dev)
+            ps = torch.rand(PB, generator=g).to(dev)
+            pcond = backend.encode(list(ptexts))
         run.zero_grad()
         sums = {"loss": 0.0, "nft_loss": 0.0, "pre_loss": 0.0}
         micro = run.micro_batches(len(pick))
@@ -163,7 +159,7 @@ def train_nft_labelled(
             run.backward(loss)
             sums["loss"] += loss.item()
         run.step()
-        row = {**ranks.mean_scalars(sums), "mean_advantage": float(adv[pick].abs().mean())}
+        row = {**sums, "mean_advantage": float(adv[pick].abs().mean())}
         run.record(row, k + 1, loss=f"{row['loss']:.4f}")
         run.checkpoint(k + 1)
     return run.finish()

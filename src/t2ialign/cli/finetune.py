@@ -145,6 +145,13 @@ def add_parsers(sub) -> None:
         "sure of (active learning)",
     )
     p.add_argument(
+        "--method",
+        choices=["rwr", "nft-labelled"],
+        default="rwr",
+        help="fine-tuning on the labels: rwr (the seed paper's) or nft-labelled (DiffusionNFT's loss on "
+        "the good and the bad images; docs/RESULTS.md says why)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue the demo in --out (a killed round resumes)"
     )
     p.add_argument(
@@ -425,6 +432,7 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         rounds=args.rounds,
         select=args.select,
+        method=args.method,
     )
     for name in ("prompts_per_task", "sample_steps", "feedback_per_prompt"):
         if getattr(args, name) is not None:
