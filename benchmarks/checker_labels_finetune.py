@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=["rwr", "nft-labelled"], default="rwr")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override")
+    ap.add_argument("--model", default=None, help="generator folder (default: the shipped model)")
     ap.add_argument("--task", default=None, help="seen-suite prompts of this task only (default: all)")
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--eval-per-prompt", type=int, default=2)
@@ -60,7 +61,7 @@ def main() -> None:
     seen = [r for r in suite("seen") if args.task is None or r["task"] == args.task]
     if not seen:
         raise SystemExit(f"no seen-suite prompt has task {args.task!r}")
-    base = load_generator()
+    base = load_generator(args.model)
     rows = [r for r in seen for _ in range(args.per_prompt)]
     cache = Path(args.cache) / f"{base.model_id}_{args.task or 'all'}_{args.per_prompt}.npz"
     if cache.exists():
@@ -87,7 +88,7 @@ def main() -> None:
     t1 = time.time()
     train_method(
         args.method,
-        ShapesBackend(load_generator()),
+        ShapesBackend(load_generator(args.model)),
         cfg,
         args.out,
         labelled=data,
