@@ -36,12 +36,13 @@ def run_script(tmp_path, name: str, args: list[str], accumulation: int, processe
 
 def assert_same_step(a, b, keys=("loss",)):
     """Two runs took the same optimiser steps: logged losses, last gradients and parameters agree
-    up to float summation order, and the parameters moved."""
+    up to float summation order (a float32 loss near log 2 differs by about 1e-5 relative when summed
+    in 4 parts), and the parameters moved."""
     (sa, ra), (sb, rb) = a, b
     assert len(ra) == len(rb)
     for x, y in zip(ra, rb, strict=True):
         for k in keys:
-            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), (k, x[k], y[k])
+            assert x[k] == pytest.approx(y[k], rel=3e-5, abs=1e-7), (k, x[k], y[k])
     assert sa["grads"].keys() == sb["grads"].keys() and sa["grads"]
     ga = torch.cat([g.reshape(-1) for g in sa["grads"].values()])
     gb = torch.cat([sb["grads"][k].reshape(-1) for k in sa["grads"]])
