@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2ialign.algorithms._online import pretrain_batch, pretrain_part
 from t2ialign.algorithms.common import RunLogger, check_lr_and_lora, seeded
 from t2ialign.algorithms.nft import nft_loss
 from t2ialign.algorithms.run import TrainingRun, check_accumulation
 from t2ialign.algorithms.rwr import PretrainSource, WeightedSamples
-from t2ialign.backends.base import denoising_loss
 
 
 def prompt_optimality(
@@ -136,16 +136,11 @@ def train_nft_labelled(
         x_s, v = backend.add_noise(x0, eps, s), backend.target(x0, eps, s)
         with torch.no_grad(), backend.reference():
             v_ref = backend.predict(x_s, s, cond, guidance=cfg.guidance)
-        if use_pre:
-            pimgs, ptexts = pretrain_source(k, PB)
-            px0 = backend.encode_images(pimgs.to(dev))
-            peps = torch.randn(px0.shape, generator=g).to(dev)
-            ps = torch.rand(PB, generator=g).to(dev)
-            pcond = backend.encode(list(ptexts))
+        pre = pretrain_batch(backend, pretrain_source, k, PB, g) if use_pre else None
         run.zero_grad()
         sums = {"loss": 0.0, "nft_loss": 0.0, "pre_loss": 0.0}
         micro = run.micro_batches(len(pick))
-        pre_micro = run.micro_batches(len(px0), len(micro)) if use_pre else [None] * len(micro)
+        pre_micro = run.micro_batches(PB, len(micro)) if use_pre else [None] * len(micro)
         for m, pm in zip(micro, pre_micro, strict=True):
             share = (m.stop - m.start) / len(pick)
             v_theta = backend.predict(x_s[m], s[m], cond.index(m), guidance=cfg.guidance)
@@ -153,7 +148,7 @@ def train_nft_labelled(
             loss = scale * per.mean() * share
             sums["nft_loss"] += per.mean().item() * share
             if use_pre:
-                pre_loss = denoising_loss(backend, px0[pm], pcond.index(pm), peps[pm], ps[pm]).mean() * share
+                pre_loss = pretrain_part(backend, pre, pm)
                 loss = loss + cfg.pretrain_weight * pre_loss
                 sums["pre_loss"] += pre_loss.item()
             run.backward(loss)
