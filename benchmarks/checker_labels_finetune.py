@@ -10,6 +10,11 @@ Generates ``per-prompt`` images per seen-suite prompt (of ``--task`` only, if gi
 (weight = label; RWR's pre-training term and EMA as ``--set`` says), and evaluates before and after on
 the same prompts (``eval-per-prompt`` images per prompt, fixed seeds 900,000 + i, 20 steps,
 guidance 3: the training images use seeds 0, 1, ...).
+
+Controls (``--labels``): ``all`` weights every model image 1 (self-distillation alone, no
+selection); ``truth`` trains on true renders of the prompts (what supervised fine-tuning can reach
+in the same steps). ``--train-guidance`` sets the guidance the training images are drawn with
+(docs/RESULTS.md, "Self-distillation, guidance and the ceiling of 300 steps").
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from t2ialign.pipeline import to_tensor, world_pretrain_source
 from t2ialign.sampling import generate_images
 from t2ialign.world import Spec, check, suite
 from t2ialign.world.imagefolder import summarize
+from t2ialign.world.scene import render
 
 
 def evaluate(gen, rows, per_prompt=2):
@@ -53,6 +59,17 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--eval-per-prompt", type=int, default=2)
     ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument(
+        "--labels",
+        choices=["checker", "all", "truth"],
+        default="checker",
+        help="controls: checker = the model's images weighted by (noisy) checker labels; all = the "
+        "model's images, every weight 1 (self-distillation alone); truth = true renders of the "
+        "prompts, weight 1 (supervised fine-tuning: what the model can learn at all)",
+    )
+    ap.add_argument(
+        "--train-guidance", type=float, default=3.0, help="guidance of the generated training images"
+    )
     ap.add_argument("--cache", default="/tmp/checker-labels-cache", help="folder of cached training images")
     ap.add_argument("--out", default="/tmp/checker-labels-run")
     ap.add_argument("--json", default=None)
@@ -63,11 +80,16 @@ def main() -> None:
         raise SystemExit(f"no seen-suite prompt has task {args.task!r}")
     base = load_generator(args.model)
     rows = [r for r in seen for _ in range(args.per_prompt)]
-    cache = Path(args.cache) / f"{base.model_id}_{args.task or 'all'}_{args.per_prompt}.npz"
+    cache = Path(args.cache) / f"{base.model_id}_{args.task or 'all'}_{args.per_prompt}"
+    cache = cache.with_name(
+        cache.name + ("" if args.train_guidance == 3.0 else f"_g{args.train_guidance:g}") + ".npz"
+    )
     if cache.exists():
         imgs = np.load(cache)["images"]
     else:
-        imgs = generate_images(base, [r["prompt"] for r in rows], list(range(len(rows))))
+        imgs = generate_images(
+            base, [r["prompt"] for r in rows], list(range(len(rows))), guidance=args.train_guidance
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=imgs)
     correct = np.array(
@@ -75,6 +97,11 @@ def main() -> None:
     )
     flip = np.random.default_rng(0).random(len(correct)) < args.noise
     labels = np.where(flip, 1 - correct, correct)
+    if args.labels == "all":
+        labels = np.ones_like(labels)
+    elif args.labels == "truth":
+        imgs = np.stack([render(Spec.from_dict(r["spec"]), 10_000 + i) for i, r in enumerate(rows)])
+        labels = np.ones_like(labels)
     data = WeightedSamples(
         to_tensor(imgs), [r["prompt"] for r in rows], torch.tensor(labels, dtype=torch.float32)
     )
