@@ -102,6 +102,7 @@ def main() -> None:
     elif args.labels == "truth":
         imgs = np.stack([render(Spec.from_dict(r["spec"]), 10_000 + i) for i, r in enumerate(rows)])
         labels = np.ones_like(labels)
+        correct = np.ones_like(correct)  # good_rate: the share of training images that are correct
     data = WeightedSamples(
         to_tensor(imgs), [r["prompt"] for r in rows], torch.tensor(labels, dtype=torch.float32)
     )
