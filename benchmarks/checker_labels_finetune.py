@@ -80,29 +80,25 @@ def main() -> None:
         raise SystemExit(f"no seen-suite prompt has task {args.task!r}")
     base = load_generator(args.model)
     rows = [r for r in seen for _ in range(args.per_prompt)]
-    cache = Path(args.cache) / f"{base.model_id}_{args.task or 'all'}_{args.per_prompt}"
-    cache = cache.with_name(
-        cache.name + ("" if args.train_guidance == 3.0 else f"_g{args.train_guidance:g}") + ".npz"
-    )
-    if cache.exists():
-        imgs = np.load(cache)["images"]
-    else:
-        imgs = generate_images(
-            base, [r["prompt"] for r in rows], list(range(len(rows))), guidance=args.train_guidance
-        )
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, images=imgs)
-    correct = np.array(
-        [float(check(im, Spec.from_dict(r["spec"])).correct) for im, r in zip(imgs, rows, strict=True)]
-    )
-    flip = np.random.default_rng(0).random(len(correct)) < args.noise
-    labels = np.where(flip, 1 - correct, correct)
-    if args.labels == "all":
-        labels = np.ones_like(labels)
-    elif args.labels == "truth":
+    if args.labels == "truth":  # true renders, weight 1: no model images to generate or label
         imgs = np.stack([render(Spec.from_dict(r["spec"]), 10_000 + i) for i, r in enumerate(rows)])
-        labels = np.ones_like(labels)
-        correct = np.ones_like(correct)  # good_rate: the share of training images that are correct
+        correct = labels = np.ones(len(rows))
+    else:
+        g = "" if args.train_guidance == 3.0 else f"_g{args.train_guidance:g}"
+        cache = Path(args.cache) / f"{base.model_id}_{args.task or 'all'}_{args.per_prompt}{g}.npz"
+        if cache.exists():
+            imgs = np.load(cache)["images"]
+        else:
+            imgs = generate_images(
+                base, [r["prompt"] for r in rows], list(range(len(rows))), guidance=args.train_guidance
+            )
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, images=imgs)
+        correct = np.array(
+            [float(check(im, Spec.from_dict(r["spec"])).correct) for im, r in zip(imgs, rows, strict=True)]
+        )
+        flip = np.random.default_rng(0).random(len(correct)) < args.noise
+        labels = np.ones_like(correct) if args.labels == "all" else np.where(flip, 1 - correct, correct)
     data = WeightedSamples(
         to_tensor(imgs), [r["prompt"] for r in rows], torch.tensor(labels, dtype=torch.float32)
     )
