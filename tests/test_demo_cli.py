@@ -100,6 +100,7 @@ def test_demo_rounds_keep_every_label_and_resume(tmp_path, tiny_models):
     gen, enc = tiny_models
     out = tmp_path / "demo"
     common = ("--quick", "--model", gen, "--encoder", enc, "--out", out, "--prompts-per-task", 1)
+    common += ("--train-guidance", 1)
     _cli("demo", *common, "--sample-steps", 2, "--rounds", 2, "--select", "uncertain")
     res = json.loads((out / "results.json").read_text())
     r1, r2 = res["rounds"]
@@ -114,6 +115,8 @@ def test_demo_rounds_keep_every_label_and_resume(tmp_path, tiny_models):
     assert "Relabelling rounds" in (out / "report.md").read_text()
     with FeedbackStore.open(out / "feedback") as store:
         assert len(store.label_rows()) == 2 * n
+        # the images labelled for training are drawn at the training guidance, not at the evaluation's
+        assert {g["settings"]["guidance"] for g in store.generations()} == {1.0}
     # killed after round 2's fine-tuning, before its record: resumes to the same result
     (out / "round2" / "round.json").unlink()
     (out / "results.json").unlink()

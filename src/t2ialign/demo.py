@@ -64,11 +64,23 @@ class DemoConfig:
     """``select="uncertain"``: images generated per image sent."""
     sample_steps: int = 20
     guidance: float = 3.0
+    """Classifier-free guidance of the evaluation (the model as a user samples it)."""
+    train_guidance: float = 3.0
+    """Guidance of the images drawn to be labelled and pseudo-labelled: the images the model is
+    fine-tuned on (3, the evaluation's, by default). With beta 0, fitting the model to its own
+    guidance-3 samples compounds guidance and drifts (counting 0.507 -> 0.285 on checker labels,
+    against 0.528 at guidance 1); in the demo, whose pre-training term holds the drift, guidance 1
+    did not help (seen 0.445 -> 0.401, unseen 0.270 -> 0.283, FID 78 -> 92, against 0.434, 0.230
+    and 75 at 3; docs/RESULTS.md, "The demo with guidance-1 training images")."""
     seed: int = 0
 
     def __post_init__(self):
         if self.feedback_per_prompt < 1 or self.prompts_per_task < 1:
             raise ValueError("feedback_per_prompt and prompts_per_task must be at least 1")
+        if self.guidance <= 0 or self.train_guidance <= 0:
+            raise ValueError(
+                f"guidance and train_guidance must be positive, got {self.guidance}, {self.train_guidance}"
+            )
         if not 0 <= self.noise <= 1:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
         from t2ialign.loop import SELECT
@@ -261,7 +273,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
             rater,
             seed=cfg.seed + offset,
             steps=cfg.sample_steps,
-            guidance=cfg.guidance,
+            guidance=cfg.train_guidance,
             select=cfg.select,
             pool_factor=cfg.pool_factor,
             reward_fn=ModelReward(reward) if reward is not None else None,
@@ -293,7 +305,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
                 weight="filter",
                 seed=500_000 + offset,
                 steps=cfg.sample_steps,
-                guidance=cfg.guidance,
+                guidance=cfg.train_guidance,
                 progress=progress,
             )
         pre = world_pretrain_source(seed=cfg.seed + 777 + (r - 1) * 1000, size=base.config.image_size)
@@ -336,7 +348,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, resume: bool = False) -> di
                 weight="filter",
                 seed=500_000,
                 steps=cfg.sample_steps,
-                guidance=cfg.guidance,
+                guidance=cfg.train_guidance,
                 progress=progress,
             )
         if pre is None:

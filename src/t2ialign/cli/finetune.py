@@ -132,6 +132,13 @@ def add_parsers(sub) -> None:
         "--feedback-per-prompt", type=int, default=None, help="images labelled per prompt and round"
     )
     p.add_argument(
+        "--train-guidance",
+        type=float,
+        default=None,
+        help="guidance of the images labelled and pseudo-labelled for fine-tuning (default: 3, the "
+        "evaluation's)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -434,7 +441,7 @@ def cmd_demo(args) -> int:
         select=args.select,
         method=args.method,
     )
-    for name in ("prompts_per_task", "sample_steps", "feedback_per_prompt"):
+    for name in ("prompts_per_task", "sample_steps", "feedback_per_prompt", "train_guidance"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     cfg = quick_config(**kw) if args.quick else DemoConfig(**kw)
