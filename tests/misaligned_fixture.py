@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from t2ialign.models.generator import build_generator, preset, save_generator
+from t2ialign.pipeline import to_tensor
 from t2ialign.sampling.flow import add_noise, flow_matching_loss
 from t2ialign.sampling.sample import generate_images
 from t2ialign.world.captions import CaptionNoise, caption
@@ -57,7 +58,7 @@ def web_batch(k: int, batch_size: int = 64, cond_dropout: float = 0.0, data_seed
     imgs = np.stack([render(s, int(rng.integers(2**31)), SIZE) for s in specs])
     crng = np.random.default_rng([data_seed, k, 3])
     texts = [caption(s, NOISE, crng) if rng.random() >= cond_dropout else "" for s in specs]
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0, texts
+    return to_tensor(imgs), texts
 
 
 def accuracy(model, n: int = 128, seed0: int = 10**6, guidance: float = 3.0) -> dict[str, float]:
@@ -106,7 +107,7 @@ def checker_labelled(model, n: int = 256, guidance: float = 1.0):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     images = generate_images(model, prompts, list(range(n)), steps=10, guidance=guidance)
     labels = torch.tensor([float(check(im, p).correct) for im, p in zip(images, prompts, strict=True)])
-    return WeightedSamples(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0, prompts, labels)
+    return WeightedSamples(to_tensor(images), prompts, labels)
 
 
 def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256) -> dict:
