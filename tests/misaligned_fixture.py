@@ -12,7 +12,8 @@ on its own samples) has to remove. A prompt's true answer is known: background a
     python tests/misaligned_fixture.py --rwr --beta 0.5 --json F   # the learning test's run
 
 The folder is a normal generator checkpoint (``load_generator``) whose card holds this command, the
-data seed, the steps, the wall time, the machine and the base's accuracy per attribute.
+data seed, the steps, the wall time, the machine and the base's accuracy per attribute; its
+``prompts.txt`` lists the four true prompts (``benchmarks/compare_methods.py --prompts``).
 """
 
 from __future__ import annotations
@@ -99,33 +100,44 @@ def build(steps: int = 2000, lr: float = 3e-3, ema: float = 0.995, batch_size: i
     return avg.eval()
 
 
-def checker_labelled(model, n: int = 256, guidance: float = 1.0):
-    """``n`` samples of ``model`` (the prompts in turn), weighted by the checker's verdict (1 right,
-    0 wrong): the seed paper's binary labels from an exact rater."""
+def checker_labelled(model, n: int = 256, guidance: float = 1.0, seed0: int = 0):
+    """``n`` samples of ``model`` (the prompts in turn, seeds from ``seed0``), weighted by the
+    checker's verdict (1 right, 0 wrong): the seed paper's binary labels from an exact rater."""
     from t2ialign.algorithms.rwr import WeightedSamples
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    images = generate_images(model, prompts, list(range(n)), steps=10, guidance=guidance)
+    images = generate_images(model, prompts, list(range(seed0, seed0 + n)), steps=10, guidance=guidance)
     labels = torch.tensor([float(check(im, p).correct) for im, p in zip(images, prompts, strict=True)])
     return WeightedSamples(to_tensor(images), prompts, labels)
 
 
-def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256) -> dict:
-    """Fine-tune the fixture by RWR on :func:`checker_labelled` samples, the pre-training term on the
-    fixture's web stream (seeds of its own); the checker's accuracy before and after."""
+def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256, eval_n: int = 128) -> dict:
+    """Fine-tune the fixture by RWR on :func:`checker_labelled` samples (``n`` of them), the
+    pre-training term on the fixture's web stream (seeds of its own); the checker's accuracy before
+    and after, on ``eval_n`` images. ``cfg.seed`` also picks the labelled samples' seeds (from
+    ``cfg.seed * 10**5``; the evaluation's start at 10**6)."""
+    if n > 10**5 or eval_n > 10**5:
+        raise ValueError(f"n and eval_n must be at most 100000 (seeds must not overlap), got {n}, {eval_n}")
     from t2ialign.algorithms.rwr import train_rwr
     from t2ialign.backends import ShapesBackend
     from t2ialign.models import load_generator
 
     t0 = time.time()
     model = load_generator(FOLDER)
-    before = accuracy(model)
-    labelled = checker_labelled(model, n, guidance=cfg.sample_guidance)
+    before = accuracy(model, eval_n)
+    labelled = checker_labelled(model, n, guidance=cfg.sample_guidance, seed0=cfg.seed * 10**5)
     pre = (lambda k, b: web_batch(10**6 + k, b)) if cfg.beta > 0 else None
     train_rwr(ShapesBackend(model), cfg, labelled, out, pretrain_source=pre, progress=False)
-    after = accuracy(load_generator(out))
+    after = accuracy(load_generator(out), eval_n)
     good = float(labelled.weights.mean())
-    return {"before": before, "after": after, "good_rate": good, "seconds": round(time.time() - t0, 1)}
+    return {
+        "before": before,
+        "after": after,
+        "labelled": n,
+        "eval_n": eval_n,
+        "good_rate": good,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -141,13 +153,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ema", type=float, default=0.9)
+    ap.add_argument("--n", type=int, default=256, help="labelled samples (the prompts in turn)")
+    ap.add_argument("--eval-n", type=int, default=128, help="images evaluated before and after")
+    ap.add_argument("--seed", type=int, default=0, help="RWR's seed (labelled samples, batches, noise)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rwr:
-        cfg = RWRConfig(steps=args.steps, lr=args.lr, beta=args.beta, ema=args.ema, checkpoint_every=10**6)
+        cfg = RWRConfig(
+            steps=args.steps, lr=args.lr, beta=args.beta, ema=args.ema, seed=args.seed, checkpoint_every=10**6
+        )
         with tempfile.TemporaryDirectory() as d:
-            res = {"config": dataclasses.asdict(cfg), **rwr_on_checker_labels(cfg, d)}
+            res = {"config": dataclasses.asdict(cfg), **rwr_on_checker_labels(cfg, d, args.n, args.eval_n)}
         print(json.dumps(res, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
@@ -170,6 +187,7 @@ def main() -> None:
         "accuracy_guidance3_n128": accuracy(model),
     }
     save_generator(model, FOLDER, card)
+    (FOLDER / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))  # for --prompts of the benchmarks
     print(card)
 
 

@@ -91,3 +91,36 @@ def test_gradient_methods_need_a_differentiable_reward(tmp_path):
     mod = load_script()
     with pytest.raises(SystemExit):
         mod.main(["--tiny", "--methods", "refl", "--json", str(tmp_path / "x.json"), "--quiet"])
+
+
+def test_prompts_file_rows_and_bad_lines(tmp_path):
+    mod = load_script()
+    f = tmp_path / "prompts.txt"
+    f.write_text("# the fixture's\na red circle on a black background\n\ntwo squares\n")
+    rows = mod.prompt_rows(str(f))
+    assert [r["prompt"] for r in rows] == ["a red circle on a black background", "two squares"]
+    assert rows[0]["spec"]["background"] == "black" and rows[1]["spec"]["objects"][0]["count"] == 2
+    assert {(r["task"], r["split"]) for r in rows} == {("prompts", "seen")}
+    f.write_text("a red circle\na purple elephant\n")
+    with pytest.raises(SystemExit, match=r"prompts.txt:2: 'a purple elephant'"):
+        mod.prompt_rows(str(f))
+    f.write_text("# nothing\n")
+    with pytest.raises(SystemExit, match="no prompts"):
+        mod.prompt_rows(str(f))
+
+
+def test_fixture_prompts_end_to_end_without_fid(tmp_path):
+    """On the 16 px fixture (another size than the encoder's) with its prompts file: no FID, no
+    unseen split, accuracies from the checker."""
+    mod = load_script()
+    fixture = Path(__file__).resolve().parent / "fixtures" / "misaligned16"
+    out_json = tmp_path / "res.json"
+    argv = ["--model", str(fixture), "--prompts", str(fixture / "prompts.txt"), "--methods", "nft"]
+    argv += ["--seeds", "0", "--chunk", "1", "--max-iterations", "1", "--eval-per-prompt", "2"]
+    argv += ["--eval-steps", "2", "--set", "nft.prompts_per_iter=2", "--set", "nft.group_size=2"]
+    argv += ["--set", "nft.sample_steps=2", "--json", str(out_json), "--img-dir", str(tmp_path), "--quiet"]
+    assert mod.main(argv) == 0
+    res = json.loads(out_json.read_text())
+    assert res["settings"]["eval_seen"] == 4 and res["settings"]["eval_unseen"] == 0
+    for p in res["runs"][0]["points"]:
+        assert p["fid"] is None and p["unseen_acc"] is None and 0.0 <= p["seen_acc"] <= 1.0

@@ -22,12 +22,14 @@ def evaluate_generator(
     reward_fn=None,
     encoder=None,
     progress: bool = True,
+    with_fid: bool = True,
 ) -> dict:
     """Sample ``per_prompt`` images per prompt row (seeds ``seed``, ``seed + 1``, ...) and measure them.
 
     Returns ``summarize``'s dict (``overall``, ``task_mean``, ``tasks``, ``splits``) plus ``fid``
     (against true renders of the same prompts, in the encoder's features), ``mean_reward`` (when a
-    reward function is given) and ``images`` / ``prompts`` / ``correct`` for grids.
+    reward function is given) and ``images`` / ``prompts`` / ``correct`` for grids. With
+    ``with_fid=False`` (images of another size than the encoder's), ``fid`` is None.
     """
     from t2ialign.evaluation.fid import fid
 
@@ -41,11 +43,16 @@ def evaluate_generator(
         for r, v in zip(expanded, verdicts, strict=True)
     ]
     out = summarize(scored)
-    size = images.shape[1]
-    true = np.stack(
-        [render(Spec.from_dict(r["spec"]), 1_000_000 + s, size) for r, s in zip(expanded, seeds, strict=True)]
-    )
-    out["fid"] = float(fid(images, true, encoder=encoder))
+    out["fid"] = None
+    if with_fid:
+        size = images.shape[1]
+        true = np.stack(
+            [
+                render(Spec.from_dict(r["spec"]), 1_000_000 + s, size)
+                for r, s in zip(expanded, seeds, strict=True)
+            ]
+        )
+        out["fid"] = float(fid(images, true, encoder=encoder))
     if reward_fn is not None:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         from t2ialign.pipeline import score
