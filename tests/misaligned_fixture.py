@@ -111,11 +111,14 @@ def checker_labelled(model, n: int = 256, guidance: float = 1.0, seed0: int = 0)
     return WeightedSamples(to_tensor(images), prompts, labels)
 
 
-def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256, eval_n: int = 128) -> dict:
+def rwr_on_checker_labels(
+    cfg, out: str | Path, n: int = 256, eval_n: int = 128, pre_dropout: float = 0.0
+) -> dict:
     """Fine-tune the fixture by RWR on :func:`checker_labelled` samples (``n`` of them), the
     pre-training term on the fixture's web stream (seeds of its own); the checker's accuracy before
-    and after, on ``eval_n`` images. ``cfg.seed`` also picks the labelled samples' seeds (from
-    ``cfg.seed * 10**5``; the evaluation's start at 10**6)."""
+    and after, on ``eval_n`` images; ``pre_dropout``: the pre-training term's condition dropout.
+    ``cfg.seed`` also picks the labelled samples' seeds (from ``cfg.seed * 10**5``; the evaluation's
+    start at 10**6)."""
     if n > 10**5 or eval_n > 10**5:
         raise ValueError(f"n and eval_n must be at most 100000 (seeds must not overlap), got {n}, {eval_n}")
     from t2ialign.algorithms.rwr import train_rwr
@@ -126,7 +129,7 @@ def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256, eval_n: int = 128)
     model = load_generator(FOLDER)
     before = accuracy(model, eval_n)
     labelled = checker_labelled(model, n, guidance=cfg.sample_guidance, seed0=cfg.seed * 10**5)
-    pre = (lambda k, b: web_batch(10**6 + k, b)) if cfg.beta > 0 else None
+    pre = (lambda k, b: web_batch(10**6 + k, b, cond_dropout=pre_dropout)) if cfg.beta > 0 else None
     train_rwr(ShapesBackend(model), cfg, labelled, out, pretrain_source=pre, progress=False)
     after = accuracy(load_generator(out), eval_n)
     good = float(labelled.weights.mean())
@@ -135,6 +138,7 @@ def rwr_on_checker_labels(cfg, out: str | Path, n: int = 256, eval_n: int = 128)
         "after": after,
         "labelled": n,
         "eval_n": eval_n,
+        "pre_dropout": pre_dropout,
         "good_rate": good,
         "seconds": round(time.time() - t0, 1),
     }
@@ -156,15 +160,30 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="labelled samples (the prompts in turn)")
     ap.add_argument("--eval-n", type=int, default=128, help="images evaluated before and after")
     ap.add_argument("--seed", type=int, default=0, help="RWR's seed (labelled samples, batches, noise)")
+    ap.add_argument(
+        "--cond-dropout", type=float, default=0.0, help="RWR's condition dropout of the labelled term"
+    )
+    ap.add_argument(
+        "--pre-dropout", type=float, default=0.0, help="condition dropout of the pre-training term"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.rwr:
         cfg = RWRConfig(
-            steps=args.steps, lr=args.lr, beta=args.beta, ema=args.ema, seed=args.seed, checkpoint_every=10**6
+            steps=args.steps,
+            lr=args.lr,
+            beta=args.beta,
+            ema=args.ema,
+            seed=args.seed,
+            cond_dropout=args.cond_dropout,
+            checkpoint_every=10**6,
         )
         with tempfile.TemporaryDirectory() as d:
-            res = {"config": dataclasses.asdict(cfg), **rwr_on_checker_labels(cfg, d, args.n, args.eval_n)}
+            res = {
+                "config": dataclasses.asdict(cfg),
+                **rwr_on_checker_labels(cfg, d, args.n, args.eval_n, args.pre_dropout),
+            }
         print(json.dumps(res, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))

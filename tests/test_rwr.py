@@ -72,6 +72,8 @@ def test_config_validation():
         RWRConfig(beta=-1)
     with pytest.raises(ValueError, match="pseudo_fraction"):
         RWRConfig(pseudo_fraction=2)
+    with pytest.raises(ValueError, match="cond_dropout"):
+        RWRConfig(cond_dropout=1.0)
     with pytest.raises(ValueError, match="non-negative"):
         WeightedSamples(torch.zeros(1, 3, 32, 32), ["a circle"], torch.tensor([-1.0]))
 
@@ -104,6 +106,21 @@ def test_rwr_smoke(tmp_path, lora_rank):
     if lora_rank:
         assert all(k.split(".")[-2] in ("conv1", "conv2", "emb", "out_proj") for k in changed)
     assert (tmp_path / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_rwr_cond_dropout_nulls_that_share_of_the_model_samples_prompts(tmp_path, rate):
+    backend = _tiny_backend()
+    seen: list[list[str]] = []
+    encode = backend.encode
+    backend.encode = lambda prompts: (seen.append(list(prompts)), encode(prompts))[1]
+    cfg = RWRConfig(steps=20, batch_size=8, beta=0.0, cond_dropout=rate, checkpoint_every=100, ema=0.0)
+    train_rwr(backend, cfg, _data(), tmp_path, progress=False)
+    prompts = [p for batch in seen[:20] for p in batch]
+    assert len(prompts) == 160
+    share = sum(p == "" for p in prompts) / len(prompts)
+    assert share == 0.0 if rate == 0 else 0.38 < share < 0.62, share
+    assert all(p == "" or p in _data().prompts for p in prompts)
 
 
 def test_rwr_needs_pretrain_data_when_beta_positive(tmp_path):

@@ -8,12 +8,18 @@ The labelled set is its own unguided samples with the checker's verdict as weigh
 binary labels, from an exact rater); the pre-training term draws from the same web stream, as the
 paper's from LAION. The known answer: the background follows the prompt (accuracy 1), objects stay.
 
-Measured (2026-12-04, this 2-core machine, one thread, the committed fixture): overall 0.250 ->
-0.375, background 0.297 -> 0.578, shape 0.766 -> 0.703 (n = 128 each), about 50 s. The assertions
-ask for half of the measured gains (``python tests/misaligned_fixture.py --rwr`` prints them).
+Measured (docs/RESULTS.md, "RWR on the misaligned fixture"; 2-core CPU, one thread): the fast run
+below (300 steps at lr 2e-3, 256 labelled) is seeded and moves overall 0.250 -> 0.375 and
+background 0.297 -> 0.578 at its seed (n = 128, about 50 s); over three seeds, evaluated on 256
+images, its overall gain is +0.01 to +0.10 and its background gain +0.06 to +0.22, so the fast test
+pins one seed's run and asserts half of its gains. The slow test is the recipe that learns at every
+seed measured: 1,024 labelled, 1,000 steps at lr 5e-4, condition dropout 0.1 in both terms (overall
+0.254 -> 0.47 to 0.55, background 0.31 -> 0.66 to 0.74, about 4 minutes).
 """
 
 from __future__ import annotations
+
+import pytest
 
 from misaligned_fixture import rwr_on_checker_labels
 from t2ialign.algorithms.rwr import RWRConfig
@@ -28,3 +34,13 @@ def test_rwr_on_checker_labels_aligns_a_misaligned_model(tmp_path):
     assert after["background"] >= before["background"] + 0.14, res
     assert after["overall"] >= before["overall"] + 0.06, res
     assert after["shape"] >= before["shape"] - 0.15, res  # the objects are kept
+
+
+@pytest.mark.slow
+def test_rwr_long_recipe_aligns_at_another_seed(tmp_path):
+    cfg = RWRConfig(steps=1000, lr=5e-4, beta=0.5, ema=0.9, cond_dropout=0.1, seed=1, checkpoint_every=10**6)
+    res = rwr_on_checker_labels(cfg, tmp_path / "rwr", n=1024, eval_n=256, pre_dropout=0.1)
+    before, after = res["before"], res["after"]
+    assert after["overall"] >= before["overall"] + 0.15, res
+    assert after["background"] >= before["background"] + 0.25, res
+    assert after["shape"] >= before["shape"] - 0.15, res

@@ -90,6 +90,12 @@ class RWRConfig:
     Measured on the shipped model with checker labels (docs/RESULTS.md, "Why reward-weighted
     likelihood lowers alignment here"): 3 did no better than 1 (seen accuracy 0.335 vs 0.346, base
     0.445) at twice the cost; the drift is self-distillation, not compounded guidance."""
+    cond_dropout: float = 0.0
+    """Share of the model samples' prompts replaced by the null prompt, drawn per sample and step (as
+    pre-training's condition dropout). The unconditional prediction then learns the kept samples'
+    prompt-independent content (the objects) as the conditional one does, so classifier-free
+    guidance amplifies only what the prompt changes; with 0 only the conditional prediction moves
+    and guidance amplifies its whole drift. 0 keeps the paper's loss exactly."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
     ema: float = 0.99
@@ -113,6 +119,8 @@ class RWRConfig:
             raise ValueError(f"sample_guidance must be positive, got {self.sample_guidance}")
         if not 0.0 <= self.pseudo_fraction <= 1.0:
             raise ValueError(f"pseudo_fraction must be in [0, 1], got {self.pseudo_fraction}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         check_lr_and_lora(self)
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
@@ -197,7 +205,11 @@ def train_rwr(
         if n_pseudo:
             parts.append((pseudo, rng.integers(len(pseudo), size=n_pseudo)))
         imgs = torch.cat([d.images[i] for d, i in parts])[mine].to(dev)
-        prompts = [d.prompts[j] for d, i in parts for j in i][mine]
+        prompts = [d.prompts[j] for d, i in parts for j in i]
+        if cfg.cond_dropout > 0:  # the global batch's draw, as the noise below
+            drop = rng.random(len(prompts)) < cfg.cond_dropout
+            prompts = ["" if d else p for d, p in zip(drop, prompts, strict=True)]
+        prompts = prompts[mine]
         w = torch.cat([d.weights[i] for d, i in parts])[mine].to(dev)
         x0 = backend.encode_images(imgs)
         # the noise of the global batch, this rank's share: any process count draws the same
