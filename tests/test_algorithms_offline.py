@@ -435,3 +435,23 @@ def test_nft_resume_matches_uninterrupted_run(tmp_path):
     assert max_change(resumed, snapshot(straight)) < 1e-5
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_nft_cond_dropout_trains_that_share_under_the_null_prompt(tmp_path, rate):
+    """Sampling sees every prompt; with cond_dropout the training pass sees about that share of ""."""
+    b = tiny_backend()
+    calls: list[list[str]] = []
+    encode = b.encode
+    b.encode = lambda prompts: (calls.append(list(prompts)), encode(prompts))[1]
+    cfg = NFTConfig(iterations=6, prompts_per_iter=2, group_size=4, sample_steps=2, train_batch_size=8)
+    cfg = NFTConfig(**{**cfg.__dict__, "cond_dropout": rate, "checkpoint_every": 100})
+    rows = train_nft(b, red_reward, PROMPTS, cfg, tmp_path, progress=False)
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
+    full = [c for c in calls if len(c) == 8]  # one encode of the iteration's 8 prompts, then the training one
+    sampled, trained = full[0::2] if rate else full, full[1::2] if rate else []
+    assert all("" not in c for c in sampled) and len(sampled) == 6
+    nulls = [p == "" for c in trained for p in c]
+    assert (not nulls) if rate == 0 else 0.3 < sum(nulls) / len(nulls) < 0.7
+    with pytest.raises(ValueError, match="cond_dropout"):
+        NFTConfig(cond_dropout=1.0)

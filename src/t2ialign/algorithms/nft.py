@@ -155,6 +155,11 @@ class NFTConfig:
     """Passes over each iteration's samples, each with fresh (s, eps)."""
     kl_weight: float = 0.0
     """Weight of ||v_theta - v_ref||^2 (mean over dimensions) to the frozen reference model (0: off)."""
+    cond_dropout: float = 0.0
+    """Share of each iteration's samples trained under the null prompt (their loss, old and reference
+    velocities all unconditional; sampling keeps every prompt), drawn per sample as pre-training's
+    condition dropout: the unconditional prediction then follows the prompt-independent part of the
+    update, so that guidance does not amplify it. 0 keeps the published loss."""
     pretrain_weight: float = 0.0
     """Weight of the denoising loss on pre-training data (0: off)."""
     pretrain_batch_size: int = 16
@@ -211,6 +216,8 @@ class NFTConfig:
             raise ValueError(f"adv_clip must be positive, got {self.adv_clip}")
         if self.kl_weight < 0 or self.pretrain_weight < 0 or self.pretrain_batch_size < 0:
             raise ValueError("kl_weight, pretrain_weight and pretrain_batch_size must be non-negative")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.ema_rate < 0 or not 0 <= self.ema_max < 1:
             raise ValueError(f"need ema_rate >= 0 and 0 <= ema_max < 1, got {self.ema_rate}, {self.ema_max}")
         check_lr_and_lora(self)
@@ -289,6 +296,10 @@ def train_nft(
         s_all = torch.rand(cfg.inner_epochs, N, generator=g).to(dev)
         eps_all = torch.randn(cfg.inner_epochs, N, *x0.shape[1:], generator=g).to(dev)
         orders = [torch.randperm(N, generator=g) for _ in range(cfg.inner_epochs)]
+        train_cond = cond
+        if cfg.cond_dropout > 0:  # drawn after the stream above, so 0 leaves every draw as it was
+            drop = (torch.rand(N, generator=g) < cfg.cond_dropout).tolist()
+            train_cond = backend.encode(["" if d else t for d, t in zip(drop, texts, strict=True)])
         stats = {"loss": 0.0, "nft_loss": 0.0, "old_deviation": 0.0, "kl": 0.0, "pre_loss": 0.0}
         j = 0
         for e in range(cfg.inner_epochs):
@@ -298,7 +309,10 @@ def train_nft(
                 v_old = torch.cat(
                     [
                         backend.predict(
-                            x_s[i : i + B], s[i : i + B], cond.index(slice(i, i + B)), guidance=cfg.guidance
+                            x_s[i : i + B],
+                            s[i : i + B],
+                            train_cond.index(slice(i, i + B)),
+                            guidance=cfg.guidance,
                         )
                         for i in range(0, N, B)
                     ]
@@ -317,12 +331,12 @@ def train_nft(
                 sums = dict.fromkeys(stats, 0.0)
                 for m, pm in zip(parts, pre_parts, strict=True):
                     i, share = idx_d[m], len(idx_d[m]) / len(idx_d)  # a micro-batch counts by its share
-                    v_theta = backend.predict(x_s[i], s[i], cond.index(i), guidance=cfg.guidance)
+                    v_theta = backend.predict(x_s[i], s[i], train_cond.index(i), guidance=cfg.guidance)
                     per = nft_loss(v_theta, v_old[i], v[i], r[i], cfg.beta, s[i], cfg.weighting)
                     loss = scale * per.mean() * share
                     if cfg.kl_weight > 0:
                         with torch.no_grad(), backend.reference():
-                            v_ref = backend.predict(x_s[i], s[i], cond.index(i), guidance=cfg.guidance)
+                            v_ref = backend.predict(x_s[i], s[i], train_cond.index(i), guidance=cfg.guidance)
                         kl = (v_theta - v_ref).pow(2).flatten(1).mean(1).mean() * share
                         loss = loss + cfg.kl_weight * kl
                         sums["kl"] += kl.item()
