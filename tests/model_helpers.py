@@ -38,3 +38,16 @@ def tiny_generator(seed: int = 0) -> Generator:
 def tiny_encoder(seed: int = 0) -> DualEncoder:
     torch.manual_seed(seed)
     return DualEncoder(encoder_preset("tiny")).eval()
+
+
+def record_prompts(backend) -> list[list[str]]:
+    """Wrap ``backend.encode`` so that every call's prompts are appended to the returned list."""
+    calls: list[list[str]] = []
+    encode = backend.encode
+
+    def recording(prompts):
+        calls.append(list(prompts))
+        return encode(prompts)
+
+    backend.encode = recording
+    return calls

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from model_helpers import record_prompts
 from t2ialign.algorithms.dpo import DPOConfig, PairSamples, dpo_loss, train_dpo
 from t2ialign.algorithms.nft import NFTConfig, ema_decay, nft_loss, nft_optimality, train_nft
 from t2ialign.algorithms.raft import RAFTConfig, raft_select, train_raft
@@ -441,9 +442,7 @@ def test_nft_resume_matches_uninterrupted_run(tmp_path):
 def test_nft_cond_dropout_trains_that_share_under_the_null_prompt(tmp_path, rate):
     """Sampling sees every prompt; with cond_dropout the training pass sees about that share of ""."""
     b = tiny_backend()
-    calls: list[list[str]] = []
-    encode = b.encode
-    b.encode = lambda prompts: (calls.append(list(prompts)), encode(prompts))[1]
+    calls = record_prompts(b)
     cfg = NFTConfig(iterations=6, prompts_per_iter=2, group_size=4, sample_steps=2, train_batch_size=8)
     cfg = NFTConfig(**{**cfg.__dict__, "cond_dropout": rate, "checkpoint_every": 100})
     rows = train_nft(b, red_reward, PROMPTS, cfg, tmp_path, progress=False)

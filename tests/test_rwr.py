@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from model_helpers import record_prompts
 from t2ialign.algorithms.common import read_log
 from t2ialign.algorithms.rwr import RWRConfig, WeightedSamples, rwr_loss, train_rwr
 from t2ialign.backends import ShapesBackend
@@ -111,9 +112,7 @@ def test_rwr_smoke(tmp_path, lora_rank):
 @pytest.mark.parametrize("rate", [0.0, 0.5])
 def test_rwr_cond_dropout_nulls_that_share_of_the_model_samples_prompts(tmp_path, rate):
     backend = _tiny_backend()
-    seen: list[list[str]] = []
-    encode = backend.encode
-    backend.encode = lambda prompts: (seen.append(list(prompts)), encode(prompts))[1]
+    seen = record_prompts(backend)
     cfg = RWRConfig(steps=20, batch_size=8, beta=0.0, cond_dropout=rate, checkpoint_every=100, ema=0.0)
     train_rwr(backend, cfg, _data(), tmp_path, progress=False)
     prompts = [p for batch in seen[:20] for p in batch]
