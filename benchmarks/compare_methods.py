@@ -114,24 +114,16 @@ def spread(rows: list[dict], k: int) -> list[dict]:
 
 
 def prompt_rows(path: str) -> list[dict]:
-    """Rows (prompt, spec, task ``prompts``, split ``seen``) of a text file of prompts, one a line;
-    blank lines and ``#`` comments skipped. A prompt outside the grammar is an error naming its line."""
-    from t2ialign.world.grammar import PromptError, parse
-    from t2ialign.world.spec import SpecError
+    """The rows of a prompt file (:func:`t2ialign.prompts.read_prompts`, every prompt of the grammar),
+    all trained on and evaluated as task ``prompts``, split ``seen``. A bad file or a prompt outside
+    the grammar is an error naming its line."""
+    from t2ialign.prompts import PromptFileError, read_prompts
 
-    rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            spec = parse(text)
-        except (PromptError, SpecError) as e:
-            raise SystemExit(f"{path}:{i}: {text!r} is not a prompt of the grammar: {e}") from None
-        rows.append({"prompt": text, "spec": spec.to_dict(), "task": "prompts", "split": "seen"})
-    if not rows:
-        raise SystemExit(f"{path}: no prompts")
-    return rows
+    try:
+        rows = read_prompts(path, require_spec=True)
+    except PromptFileError as e:
+        raise SystemExit(str(e)) from None
+    return [{**r, "task": "prompts", "split": "seen"} for r in rows]
 
 
 def reward_is_differentiable(reward_fn, image_size: int, rows: list[dict]) -> bool:
@@ -468,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--prompts",
         default=None,
-        help="a text file of prompts of the grammar, one a line: train and evaluate on these (split 'seen', "
-        "task 'prompts') instead of the suites",
+        help="a prompt file (one a line, or JSON lines) of prompts of the grammar: train and evaluate on "
+        "these (split 'seen', task 'prompts') instead of the suites",
     )
     ap.add_argument("--tiny", action="store_true", help="random tiny generator, tiny settings (smoke test)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")

@@ -443,8 +443,15 @@ def test_nft_cond_dropout_trains_that_share_under_the_null_prompt(tmp_path, rate
     """Sampling sees every prompt; with cond_dropout the training pass sees about that share of ""."""
     b = tiny_backend()
     calls = record_prompts(b)
-    cfg = NFTConfig(iterations=6, prompts_per_iter=2, group_size=4, sample_steps=2, train_batch_size=8)
-    cfg = NFTConfig(**{**cfg.__dict__, "cond_dropout": rate, "checkpoint_every": 100})
+    cfg = NFTConfig(
+        iterations=6,
+        prompts_per_iter=2,
+        group_size=4,
+        sample_steps=2,
+        train_batch_size=8,
+        cond_dropout=rate,
+        checkpoint_every=100,
+    )
     rows = train_nft(b, red_reward, PROMPTS, cfg, tmp_path, progress=False)
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     full = [c for c in calls if len(c) == 8]  # one encode of the iteration's 8 prompts, then the training one

@@ -96,15 +96,15 @@ def test_gradient_methods_need_a_differentiable_reward(tmp_path):
 def test_prompts_file_rows_and_bad_lines(tmp_path):
     mod = load_script()
     f = tmp_path / "prompts.txt"
-    f.write_text("# the fixture's\na red circle on a black background\n\ntwo squares\n")
+    f.write_text("a red circle on a black background\n\ntwo squares\n")
     rows = mod.prompt_rows(str(f))
     assert [r["prompt"] for r in rows] == ["a red circle on a black background", "two squares"]
     assert rows[0]["spec"]["background"] == "black" and rows[1]["spec"]["objects"][0]["count"] == 2
     assert {(r["task"], r["split"]) for r in rows} == {("prompts", "seen")}
     f.write_text("a red circle\na purple elephant\n")
-    with pytest.raises(SystemExit, match=r"prompts.txt:2: 'a purple elephant'"):
+    with pytest.raises(SystemExit, match=r"prompts.txt:2: .*'a purple elephant'"):
         mod.prompt_rows(str(f))
-    f.write_text("# nothing\n")
+    f.write_text("\n")
     with pytest.raises(SystemExit, match="no prompts"):
         mod.prompt_rows(str(f))
 
